@@ -1,0 +1,1 @@
+"""`moe-plugin` subcommands; one module per subcommand, each with add_arguments(parser) and run(args)."""

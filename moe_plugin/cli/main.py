@@ -1,0 +1,50 @@
+"""Entry point of the `moe-plugin` console script (also `python -m moe_plugin`).
+
+Each subcommand is a module in this package exposing `HELP`, `add_arguments(parser)` and
+`run(args) -> int`. Subcommands take Hydra-style overrides (`model=ling_lite model.num_layers=4`)
+and `--json` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "inspect": "moe_plugin.cli.inspect",
+    "doctor": "moe_plugin.cli.doctor",
+    "cost": "moe_plugin.cli.cost",
+    "align": "moe_plugin.cli.align",
+    "ckpt": "moe_plugin.cli.ckpt",
+}
+
+
+def _available() -> dict[str, object]:
+    modules = {}
+    for name, path in SUBCOMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(path)
+        except ModuleNotFoundError as err:
+            if err.name != path:  # a real missing dependency inside the subcommand: surface it
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-plugin", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in _available().items():
+        sp = sub.add_parser(name, help=module.HELP, description=module.HELP)  # type: ignore[attr-defined]
+        module.add_arguments(sp)  # type: ignore[attr-defined]
+        sp.set_defaults(_run=module.run)  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

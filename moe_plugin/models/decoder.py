@@ -1,0 +1,120 @@
+"""A Ling-style decoder-only MoE language model.
+
+Shapes: B batch, S sequence, D hidden, V vocabulary.
+
+Each block: x + attn(norm(x)), then h + ffn(norm(h)), with ffn an MoE layer except in the first
+`first_k_dense` blocks (DeepSeekMoE), which use a dense SwiGLU of width `dense_ffn_hidden_size`.
+Open MoE families are expressed by arguments alone:
+- Ling:        shared experts, softmax top-k renormalised, NormHead, untied embeddings.
+- Mixtral:     num_shared_experts=0, norm_topk_prob=True.
+- Qwen-MoE:    one shared expert with shared_expert_gate=True, norm_topk_prob=False.
+- OLMoE:       qk_norm=True, no shared experts.
+- DeepSeekMoE: several shared experts, first_k_dense > 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_plugin.layers.attention import Attention
+from moe_plugin.layers.feed_forward import FeedForward
+from moe_plugin.layers.moe import MoE
+from moe_plugin.layers.norm import RMSNorm
+from moe_plugin.layers.norm_head import NormHead
+from moe_plugin.layers.rope import rope_cos_sin
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, attention: Attention, ffn: nn.Module, hidden_size: int, norm_eps: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(hidden_size, norm_eps)
+        self.attention = attention
+        self.ffn_norm = RMSNorm(hidden_size, norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attn_norm(x_BSD), cos_SDh, sin_SDh)
+        return h_BSD + self.ffn(self.ffn_norm(h_BSD))
+
+
+class MoEDecoderLM(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        max_seq_len: int = 4096,
+        norm_eps: float = 1e-6,
+        tie_embeddings: bool = False,
+        norm_head: bool = False,
+        first_k_dense: int = 0,
+        dense_ffn_hidden_size: int | None = None,
+        moe: dict[str, Any] | None = None,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if norm_head and tie_embeddings:
+            raise ValueError(
+                "model.norm_head=true cannot be combined with model.tie_embeddings=true: NormHead rescales "
+                "the head weight, which would rescale the embeddings too. Set one of them to false."
+            )
+        if not 0 <= first_k_dense <= num_layers:
+            raise ValueError(f"model.first_k_dense={first_k_dense} must be between 0 and num_layers={num_layers}.")
+        moe_kwargs = dict(moe or {})
+        if first_k_dense > 0 and dense_ffn_hidden_size is None:
+            raise ValueError("model.first_k_dense > 0 needs model.dense_ffn_hidden_size (width of the dense FFN).")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.rope_theta = rope_theta
+        self.max_seq_len = max_seq_len
+        self.init_std = init_std
+
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        blocks = []
+        for i in range(num_layers):
+            attention = Attention(hidden_size, num_heads, num_kv_heads, self.head_dim, qk_norm, norm_eps=norm_eps)
+            if i < first_k_dense:
+                ffn: nn.Module = FeedForward(hidden_size, dense_ffn_hidden_size)  # type: ignore[arg-type]
+            else:
+                ffn = MoE(hidden_size, **moe_kwargs)
+            blocks.append(DecoderBlock(attention, ffn, hidden_size, norm_eps))
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(hidden_size, norm_eps)
+        if norm_head:
+            self.lm_head: nn.Module = NormHead(hidden_size, vocab_size)
+        else:
+            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+            if tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-style init: N(0, init_std) for embeddings and projections, scaled on residual outputs."""
+        residual_std = self.init_std / (2 * self.num_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or p.is_meta:
+                continue
+            is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
+            nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std)
+
+    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V]."""
+        S = input_ids_BS.shape[1]
+        if S > self.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}.")
+        cos_SDh, sin_SDh = rope_cos_sin(S, self.head_dim, self.rope_theta, device=input_ids_BS.device)
+        x_BSD = self.embed_tokens(input_ids_BS)
+        for block in self.layers:
+            x_BSD = block(x_BSD, cos_SDh, sin_SDh)
+        return self.lm_head(self.norm(x_BSD))
