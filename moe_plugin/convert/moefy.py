@@ -39,7 +39,7 @@ from moe_plugin.convert.ffn import (
     is_projection,
     read_ffn,
 )
-from moe_plugin.convert.upcycle import experts_for, max_abs_diff, upcycle_moe_
+from moe_plugin.convert.upcycle import is_swiglu, max_abs_diff, mlp_experts_for, upcycle_moe_
 from moe_plugin.layers.moe import MoE
 
 # Activations tried, in order, when an FFN calls a function in its forward instead of keeping a module.
@@ -149,7 +149,9 @@ def moefy(
                 z_loss_coef=z_loss_coef,
                 **moe_kwargs,
             )
-            moe.experts = experts_for(None, num_experts, D, f, lay.gated, act, has_bias)
+            if not is_swiglu(lay.gated, act, has_bias):
+                # Keep the MoE's own SwiGLU experts (and their fast path) when they fit; else match the FFN.
+                moe.experts = mlp_experts_for(num_experts, D, f, lay.gated, act, has_bias)
         moe.to(dtype=weight.dtype)
         moe.moefy_source = MoefySource(lay, _is_conv1d_layout(module, lay), act, type(module).__name__)
         moe.train(module.training)

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from moe_plugin.convert.ffn import DenseFFN, is_silu
-from moe_plugin.layers.experts import GroupedExperts
 from moe_plugin.layers.mlp_experts import GroupedMLPExperts
 from moe_plugin.layers.moe import MoE
 
@@ -155,18 +154,15 @@ def _copy(dst: torch.Tensor | None, src: torch.Tensor) -> None:
     dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
 
-def experts_for(
-    dense_like: DenseFFN | None,
-    num_experts: int,
-    hidden_size: int,
-    expert_hidden_size: int,
-    gated: bool,
-    activation: nn.Module | None,
-    bias: bool,
-) -> nn.Module:
-    """Our fast `GroupedExperts` for a bias-free SwiGLU FFN, `GroupedMLPExperts` for any other shape."""
-    if gated and not bias and (activation is None or is_silu(activation)):
-        return GroupedExperts(num_experts, hidden_size, expert_hidden_size)
+def is_swiglu(dense_gated: bool, activation: nn.Module | None, bias: bool) -> bool:
+    """Whether the MoE's own `GroupedExperts` (SwiGLU, no bias, grouped-matmul path) computes this FFN."""
+    return dense_gated and not bias and (activation is None or is_silu(activation))
+
+
+def mlp_experts_for(
+    num_experts: int, hidden_size: int, expert_hidden_size: int, gated: bool, activation: nn.Module | None, bias: bool
+) -> GroupedMLPExperts:
+    """Experts that compute a non-SwiGLU dense FFN's function (its activation, gating and biases)."""
     return GroupedMLPExperts(num_experts, hidden_size, expert_hidden_size, activation, gated=gated, bias=bias)
 
 

@@ -32,9 +32,12 @@ class GroupedMLPExperts(nn.Module):
         activation: nn.Module | None = None,
         gated: bool = True,
         bias: bool = False,
+        expert_offset: int = 0,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
+        # Under expert parallelism this module holds experts expert_offset .. expert_offset + E - 1.
+        self.expert_offset = expert_offset
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
         self.gated = gated

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense_zoo import GELUMLP, Block, GeGLU, SwiGLU, TinyLM, sequential_mlp
 from torch import nn
 
 from moe_plugin import MoE, moefy
 from moe_plugin.convert import FFNLayout, find_ffns
 from moe_plugin.layers.experts import GroupedExperts
 from moe_plugin.layers.mlp_experts import GroupedMLPExperts
-
-from .models import GELUMLP, Block, GeGLU, SwiGLU, TinyLM, sequential_mlp
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dense_zoo import GELUMLP, GeGLU, SwiGLU, TinyLM, scramble_, sequential_mlp
 from torch import nn
 
 from moe_plugin import MoE, collect_aux_losses, moefy
@@ -11,8 +12,6 @@ from moe_plugin.convert import load_dense_state_dict
 from moe_plugin.convert.ffn import read_ffn
 from moe_plugin.convert.moefy import dense_forward
 from moe_plugin.layers.mlp_experts import GroupedMLPExperts
-
-from .models import GELUMLP, GeGLU, SwiGLU, TinyLM, scramble_, sequential_mlp
 
 FFNS = [SwiGLU, GeGLU, GELUMLP, sequential_mlp]
 # (num_experts, top_k, granularity): plain upcycling, top-1, and fine-grained splits of the dense FFN.
