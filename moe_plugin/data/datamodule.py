@@ -8,6 +8,7 @@ non-overlapping windows of seq_len + 1 tokens; a sample is (input_ids[:-1], labe
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from moe_plugin.data.sampler import GlobalOrderSampler
 from moe_plugin.data.tokenizers import ByteTokenizer
+
+# Lightning warns on mid-epoch resume unless the DataLoader itself has state_dict(); our position lives in
+# this data module's state_dict() and GlobalOrderSampler, which do resume exactly.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 class TokenWindows(Dataset):
@@ -48,6 +54,7 @@ class LMDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         val_fraction: float = 0.05,
         num_workers: int = 0,
+        seed: int = 1234,
     ) -> None:
         super().__init__()
         if seq_len < 1:
@@ -62,6 +69,8 @@ class LMDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.num_workers = num_workers
+        self.seed = seed
+        self._resume: dict[str, int] = {}  # {"epoch", "samples"} restored from a checkpoint
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
         self.stats: dict[str, int] = {}
@@ -108,12 +117,33 @@ class LMDataModule(pl.LightningDataModule):
             "val_tokens": int(len(val_tokens)),
         }
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
-        )
+        rank, world = self._rank_world()
+        sampler = GlobalOrderSampler(len(self.train_set), self.batch_size, rank, world, seed=self.seed, shuffle=True)
+        if self._resume:
+            sampler.epoch = self._resume["epoch"]
+            sampler.start_sample = self._resume["samples"]
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        rank, world = self._rank_world()
+        sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def state_dict(self) -> dict[str, int]:
+        """Data position: the epoch and the global samples consumed in it (world-size independent)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return dict(self._resume)
+        _, world = self._rank_world()
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "samples": batches * self.batch_size * world}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state_dict["epoch"]), "samples": int(state_dict["samples"])}
