@@ -160,7 +160,11 @@ class MoEAuxLoss(pl.Callback):
         self.prefix = prefix
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or isinstance(pl_module, MoEMixin) or "training_step" in vars(pl_module):
+        # A module that already adds the aux losses itself (the mixin, or one that sets
+        # `adds_moe_aux_losses = True` like moe_plugin's own MoELanguageModule should) is left alone.
+        if stage != "fit" or isinstance(pl_module, MoEMixin) or getattr(pl_module, "adds_moe_aux_losses", False):
+            return
+        if "training_step" in vars(pl_module):
             return
         if not pl_module.automatic_optimization:
             raise ValueError(

@@ -209,3 +209,20 @@ def test_error_unknown_functional_activation():
     with pytest.raises(ValueError, match="cannot tell the activation of 'blocks.0.ffn'.*activation="):
         moefy(TinyLM(Odd))
     moefy(TinyLM(Odd), activation=nn.Sigmoid(), upcycle=True)  # explicit activation: verified exact
+
+
+def test_hydra_group_keys_are_moefy_arguments():
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import moe_plugin
+
+    params = set(inspect.signature(moefy).parameters)
+    folder = Path(moe_plugin.__file__).parent / "conf" / "moefy"
+    options = sorted(folder.glob("*.yaml"))
+    assert {p.stem for p in options} >= {"none", "random", "upcycle", "upcycle_fine_grained"}
+    for path in options:
+        keys = set(OmegaConf.load(path)) - {"_target_", "_partial_", "defaults"}
+        assert keys <= params, f"{path.name}: {keys - params} are not moefy arguments"
