@@ -170,9 +170,14 @@ def find_ffns(
     pattern = re.compile(target) if isinstance(target, str) else None
     types = _types(target)
     matches: list[tuple[str, nn.Module, FFNLayout]] = []
+    moe_names: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
-        # Inside an FFN already matched (its own projections) or inside an MoE layer: nothing to convert.
-        if isinstance(module, MoE) or any(name.startswith(m[0] + "." if m[0] else "") for m in matches):
+        # Inside an FFN already matched (its own projections) or inside an MoE layer (its shared experts
+        # are an FFN too, but already part of an MoE): nothing to convert.
+        if isinstance(module, MoE):
+            moe_names.append(name)
+            continue
+        if any(name.startswith(n + "." if n else "") for n in [*moe_names, *(m[0] for m in matches)]):
             continue
         named = (pattern is not None and pattern.fullmatch(name)) or (types and isinstance(module, types))
         if target is not None and not named:

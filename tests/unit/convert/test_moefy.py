@@ -226,3 +226,13 @@ def test_hydra_group_keys_are_moefy_arguments():
     for path in options:
         keys = set(OmegaConf.load(path)) - {"_target_", "_partial_", "defaults"}
         assert keys <= params, f"{path.name}: {keys - params} are not moefy arguments"
+
+
+def test_existing_moe_layers_and_their_shared_experts_are_left_alone():
+    model = moefy(TinyLM(SwiGLU, layers=2), target=r"blocks\.0\.ffn", num_shared_experts=1, num_experts=4, top_k=1)
+    shared = model.blocks[0].ffn.shared_experts
+    moefy(model, num_experts=4, top_k=1)  # converts blocks.1.ffn only
+    assert isinstance(model.blocks[1].ffn, MoE)
+    assert model.blocks[0].ffn.shared_experts is shared
+    with pytest.raises(ValueError, match="no feed-forward block matched"):
+        moefy(model)  # nothing dense left
