@@ -23,7 +23,8 @@ G * sum_v p_v = 1. Multiplying every routed expert's down projection by G gives
 
     sum_v p_v * G * sum_g segment_g(x) + sum_k probs_k * b_down = routed(x) + b_down
 
-and the shared experts add the neurons [0, S): the dense output exactly. A shared-expert gate
+and the shared experts add the neurons [0, S): the dense output exactly. A router `routing_scale` r
+(DeepSeek-V3) multiplies the routed sum, so the routed down projections and bias are divided by r. A shared-expert gate
 sigmoid(x @ w) starts at w = 0, i.e. 1/2, so the shared down projection is doubled to compensate.
 
 Noise (`noise_std` > 0) adds N(0, (noise_std * std(w))^2) independently to every routed expert's
@@ -104,7 +105,9 @@ def upcycle_moe_(
     seg_E = torch.arange(E) % G
     cols_Ef = S + seg_E[:, None] * f + torch.arange(f)[None, :]
     _copy(experts.w_up_EDF, dense.w_up_DF[:, cols_Ef].permute(1, 0, 2))
-    _copy(experts.w_down_EFD, dense.w_down_FD[cols_Ef] * G)
+    # A routing scale (DeepSeek-V3's routed_scaling_factor) multiplies the combined output: divide it out.
+    scale = G / float(getattr(moe.router, "routing_scale", 1.0))
+    _copy(experts.w_down_EFD, dense.w_down_FD[cols_Ef] * scale)
     if dense.gated:
         _copy(experts.w_gate_EDF, dense.w_gate_DF[:, cols_Ef].permute(1, 0, 2))
     for attr, b in (("b_up_EF", dense.b_up_F), ("b_gate_EF", dense.b_gate_F)):
@@ -112,7 +115,7 @@ def upcycle_moe_(
             _copy(getattr(experts, attr), b[cols_Ef])
     if dense.b_down_D is not None:
         # Each token's top-k weights sum to 1, so giving every expert the full bias adds it exactly once.
-        _copy(experts.b_down_ED, dense.b_down_D.expand(E, -1))
+        _copy(experts.b_down_ED, dense.b_down_D.expand(E, -1) * (scale / G))
     if noise_std > 0:
         for p in experts.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) * noise_std * p.std())

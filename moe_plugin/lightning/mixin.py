@@ -17,7 +17,8 @@ With manual optimisation (`automatic_optimization = False`) the user calls `self
 inside the step, so the mixin adds the aux losses there instead, once per forward.
 
 Expert-load metrics (tokens per expert, imbalance, dead experts, dropped fraction) come from the
-package's expert-load callback, which `configure_callbacks` adds unless the Trainer already has one.
+package's `ExpertLoad` callback, and step-level router updates (routing warmup, expert bias) from
+`RouterUpdates`; `configure_callbacks` adds each unless the Trainer already has one.
 
 `MoEAuxLoss` is the same behaviour as a callback, for a module class the user cannot or will not touch:
 `Trainer(callbacks=[MoEAuxLoss()])` (or `callbacks=moe_aux_loss` in Hydra).
@@ -111,7 +112,7 @@ class MoEMixin:
 
     List it before `LightningModule` in the bases. Class attributes to change the behaviour:
     `moe_log_losses` (log train/aux_loss, balance_loss, z_loss; default True), `moe_log_prefix`
-    ("train/"), `moe_expert_load_callback` (add the expert-load metrics callback; default True).
+    ("train/"), `moe_expert_load_callback` (add the ExpertLoad and RouterUpdates callbacks; default True).
     """
 
     moe_log_losses: bool = True
@@ -145,11 +146,11 @@ class MoEMixin:
         callbacks = super().configure_callbacks()  # type: ignore[misc]
         if not self.moe_expert_load_callback:
             return callbacks
-        extra = expert_load_callback(self.trainer)  # type: ignore[attr-defined]
-        if extra is None:
+        extra = missing_moe_callbacks(self.trainer)  # type: ignore[attr-defined]
+        if not extra:
             return callbacks
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks] if callbacks else []
-        return [*callbacks, extra]
+        return [*callbacks, *extra]
 
 
 class MoEAuxLoss(pl.Callback):
@@ -182,12 +183,12 @@ class MoEAuxLoss(pl.Callback):
             del pl_module.training_step
 
 
-def expert_load_callback(trainer: pl.Trainer | None) -> pl.Callback | None:
-    """The package's expert-load metrics callback, unless the Trainer has one (or it is not installed)."""
+def missing_moe_callbacks(trainer: pl.Trainer | None) -> list[pl.Callback]:
+    """The package's MoE callbacks that the Trainer does not have yet: ExpertLoad (load metrics) and
+    RouterUpdates (routing-warmup step, expert-bias updates, global-batch balance-loss window)."""
     try:
-        from moe_plugin.lightning.callbacks.expert_load import ExpertLoad
-    except ImportError:
-        return None
-    if trainer is not None and any(isinstance(c, ExpertLoad) for c in trainer.callbacks):
-        return None
-    return ExpertLoad()
+        from moe_plugin.lightning.callbacks import ExpertLoad, RouterUpdates
+    except ImportError:  # the callbacks package is older than this module: nothing to add
+        return []
+    have = list(trainer.callbacks) if trainer is not None else []
+    return [cls() for cls in (ExpertLoad, RouterUpdates) if not any(isinstance(c, cls) for c in have)]
