@@ -157,7 +157,8 @@ def moefy(
         moe.train(module.training)
         if upcycle:
             upcycle_moe_(moe, read_ffn(module, lay, act), noise_std=noise_std, generator=generator, name=name)
-            if verify and noise_std == 0 and norm_topk_prob:
+            # Noise, no renormalisation or token dropping make the start inexact by design (and warn).
+            if verify and noise_std == 0 and norm_topk_prob and moe_kwargs.get("capacity_factor") is None:
                 _verify(name, module, moe)
         model = _replace(model, name, moe)
     return model

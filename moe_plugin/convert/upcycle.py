@@ -94,6 +94,13 @@ def upcycle_moe_(
     S = shared_width(moe)
     f = moe.experts.ffn_hidden_size
     experts = moe.experts
+    if getattr(moe, "capacity_factor", None) is not None:
+        warnings.warn(
+            f"upcycle '{name}': capacity_factor={moe.capacity_factor} drops token copies beyond each expert's "
+            "capacity, so tokens whose copies are dropped lose part of the dense output. Use capacity_factor=None "
+            "(dropless) for an exact start.",
+            stacklevel=3,
+        )
     if not getattr(moe.router, "norm_topk_prob", True):
         warnings.warn(
             f"upcycle '{name}': norm_topk_prob=False, so the output right after upcycling is the dense output "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from dense_zoo import GELUMLP, GeGLU, SwiGLU, TinyLM, scramble_, sequential_mlp
@@ -237,3 +239,35 @@ def test_load_dense_state_dict_errors():
         meta = moefy(TinyLM(SwiGLU), num_experts=2, top_k=1)
     with pytest.raises(ValueError, match="to_empty"):
         load_dense_state_dict(meta, dense_model.state_dict())
+
+
+_ROUTER_VARIANTS = "routing_scale" in inspect.signature(MoE).parameters
+
+
+@pytest.mark.skipif(not _ROUTER_VARIANTS, reason="MoE has no router variants (routing_scale, score_func) yet")
+@pytest.mark.parametrize(
+    "moe_kwargs",
+    [
+        dict(routing_scale=2.5),
+        dict(score_func="sigmoid"),
+        dict(expert_bias=True),
+        dict(num_expert_groups=2, topk_groups=1),
+        dict(balance_loss_type="global_batch"),
+    ],
+    ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
+)
+@pytest.mark.parametrize("num_experts, top_k, granularity", [(8, 2, 1), (8, 4, 4)])
+def test_upcycling_stays_exact_with_router_variants(moe_kwargs, num_experts, top_k, granularity):
+    model, ids = _dense_and_ids(GeGLU)
+    with torch.no_grad():
+        dense = model(ids)
+    moefy(model, num_experts=num_experts, top_k=top_k, granularity=granularity, upcycle=True, **moe_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not _ROUTER_VARIANTS, reason="MoE has no capacity factor yet")
+def test_token_dropping_warns_instead_of_failing_verification():
+    model, _ = _dense_and_ids(SwiGLU)
+    with pytest.warns(UserWarning, match="capacity_factor=1.0 drops token copies"):
+        moefy(model, num_experts=4, top_k=2, upcycle=True, capacity_factor=1.0)

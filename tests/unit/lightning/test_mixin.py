@@ -176,3 +176,28 @@ def test_callback_refuses_manual_optimisation():
 
     with pytest.raises(ValueError, match="manual optimisation.*MoEMixin"):
         _fit(ManualPlain(), steps=1, callbacks=[MoEAuxLoss()])
+
+
+def test_mixin_adds_the_packages_moe_callbacks_once(tmp_path):
+    callbacks = pytest.importorskip("moe_plugin.lightning.callbacks")
+    if not hasattr(callbacks, "ExpertLoad"):
+        pytest.skip("moe_plugin.lightning.callbacks has no ExpertLoad yet")
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = WithMixin()
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callbacks.ExpertLoad(log_every_n_steps=1)],
+    )
+    trainer.fit(module)
+    load = [c for c in trainer.callbacks if isinstance(c, callbacks.ExpertLoad)]
+    assert len(load) == 1 and load[0].log_every_n_steps == 1  # the user's own instance is kept
+    assert sum(isinstance(c, callbacks.RouterUpdates) for c in trainer.callbacks) == 1
+    header = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "moe/max_over_mean" in header and "train/aux_loss" in header
