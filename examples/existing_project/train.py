@@ -14,6 +14,7 @@ from my_project.lit import LitLM
 from omegaconf import DictConfig
 
 import moe_plugin  # noqa: F401  (registers strategy="expert_parallel" with Lightning)
+from moe_plugin.lightning.trainer import resolve_strategy
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     lit = LitLM(model, **cfg.optim)
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    trainer = L.Trainer(default_root_dir=out, **cfg.trainer)
+    trainer = L.Trainer(default_root_dir=out, strategy=resolve_strategy(cfg), **cfg.trainer)
     first_val = trainer.validate(lit, datamodule=data, verbose=False)[0]["val_loss"]
     trainer.fit(lit, datamodule=data)
     if trainer.is_global_zero:

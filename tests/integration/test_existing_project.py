@@ -72,7 +72,8 @@ def _has_expert_parallel() -> bool:
 def test_example_trains_with_expert_parallelism_on_two_processes(tmp_path: Path) -> None:
     result = _train(
         tmp_path / "ep",
-        "trainer.strategy=expert_parallel",
+        "strategy=expert_parallel",
+        "strategy.expert_parallel_size=2",
         "trainer.devices=2",
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",
