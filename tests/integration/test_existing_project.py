@@ -55,11 +55,14 @@ def test_dense_run_then_upcycled_moe_run_starts_at_the_dense_loss(tmp_path: Path
 
 
 def _has_expert_parallel() -> bool:
-    try:
-        parallel = importlib.import_module("moe_plugin.parallel")
-    except ImportError:
-        return False
-    return hasattr(parallel, "apply_expert_parallel")
+    """moe_plugin.parallel exposes apply_expert_parallel (in the package or its `apply` module)."""
+    for name in ("moe_plugin.parallel", "moe_plugin.parallel.apply"):
+        try:
+            if hasattr(importlib.import_module(name), "apply_expert_parallel"):
+                return True
+        except ImportError:
+            continue
+    return False
 
 
 @pytest.mark.slow
@@ -80,6 +83,16 @@ def test_example_trains_with_expert_parallelism_on_two_processes(tmp_path: Path)
         launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"],
     )
     assert result["val_loss"] < result["first_val_loss"]
+    # Rank 0 holds half of every layer's experts: its parameter count is the full model's minus half the experts.
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        cfg = _compose()
+        model = instantiate(cfg.moefy)(instantiate(cfg.model, vocab_size=256))
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+    assert result["params"] == total - experts // 2
 
 
 def _compose(*overrides: str):
