@@ -271,3 +271,15 @@ def test_token_dropping_warns_instead_of_failing_verification():
     model, _ = _dense_and_ids(SwiGLU)
     with pytest.warns(UserWarning, match="capacity_factor=1.0 drops token copies"):
         moefy(model, num_experts=4, top_k=2, upcycle=True, capacity_factor=1.0)
+
+
+def test_bf16_model_upcycles_within_bf16_rounding():
+    model, ids = _dense_and_ids(GELUMLP)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        dense = model(ids).float()
+    moefy(model, num_experts=4, top_k=2, granularity=2, upcycle=True)  # verification at bf16 tolerance
+    assert model.blocks[0].ffn.experts.w_up_EDF.dtype == torch.bfloat16
+    with torch.no_grad():
+        diff = (model(ids).float() - dense).abs().max().item()
+    assert diff < 0.05 * dense.abs().max().item()
