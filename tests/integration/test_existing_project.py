@@ -48,7 +48,10 @@ def test_dense_run_then_upcycled_moe_run_starts_at_the_dense_loss(tmp_path: Path
 
     moe = _train(tmp_path / "moe", f"init_from='{dense['checkpoint']}'", *short)
     # Upcycled from the dense checkpoint: the MoE model's first validation is the dense model's last one.
-    print(f"dense val loss {dense['val_loss']:.6f}, upcycled MoE before training {moe['first_val_loss']:.6f}")
+    diff = abs(moe["first_val_loss"] - dense["val_loss"])
+    print(
+        f"dense val loss {dense['val_loss']:.7f}, upcycled MoE before training {moe['first_val_loss']:.7f}, diff {diff:.2g}"
+    )
     assert moe["first_val_loss"] == pytest.approx(dense["val_loss"], abs=1e-5)
     assert moe["params"] > dense["params"]
     assert moe["val_loss"] < moe["first_val_loss"]  # and it keeps training
