@@ -22,6 +22,7 @@ model surgery only; the Lightning glue is in moe_plugin.lightning.mixin.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from moe_plugin.convert.ffn import (
 )
 from moe_plugin.convert.upcycle import is_swiglu, max_abs_diff, mlp_experts_for, upcycle_moe_
 from moe_plugin.layers.moe import MoE
+
+log = logging.getLogger(__name__)
 
 # Activations tried, in order, when an FFN calls a function in its forward instead of keeping a module.
 ACTIVATIONS: dict[str, nn.Module] = {
@@ -119,6 +122,7 @@ def moefy(
     matches = find_ffns(model, target, layout)
     selected = [m for i, m in enumerate(matches) if i >= skip_first and (i - skip_first) % every == 0]
     generator = torch.Generator().manual_seed(seed)
+    dense_params = sum(p.numel() for p in model.parameters())
 
     for name, module, lay in selected:
         D, F = check_shapes(name, module, lay)
@@ -161,7 +165,25 @@ def moefy(
             if verify and noise_std == 0 and norm_topk_prob and moe_kwargs.get("capacity_factor") is None:
                 _verify(name, module, moe)
         model = _replace(model, name, moe)
+    log.info("%s", summary(model, [n for n, _, _ in selected], dense_params, upcycle))
     return model
+
+
+def summary(model: nn.Module, names: list[str], dense_params: int, upcycled: bool) -> str:
+    """One line for the log: what was converted and the parameter counts (total, and active per token)."""
+    moes = [model.get_submodule(n) if n else model for n in names]
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for m in moes for p in m.experts.parameters())
+    active = (
+        total - expert + sum(m.top_k * sum(p.numel() for p in m.experts.parameters()) // m.num_experts for m in moes)
+    )
+    m0 = moes[0]
+    return (
+        f"moefy: {len(moes)} FFNs -> MoE ({m0.num_experts} experts, top-{m0.top_k}, expert width "
+        f"{m0.experts.ffn_hidden_size}{', upcycled' if upcycled else ''}): {names[0]!r}"
+        f"{f' ... {names[-1]!r}' if len(names) > 1 else ''}; parameters {dense_params:,} -> {total:,} total, "
+        f"{active:,} active per token"
+    )
 
 
 def find_ffns(

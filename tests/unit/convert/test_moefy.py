@@ -236,3 +236,15 @@ def test_existing_moe_layers_and_their_shared_experts_are_left_alone():
     assert model.blocks[0].ffn.shared_experts is shared
     with pytest.raises(ValueError, match="no feed-forward block matched"):
         moefy(model)  # nothing dense left
+
+
+def test_conversion_is_logged_with_parameter_counts(caplog):
+    model = TinyLM(SwiGLU)  # 3 FFNs of 3 * 16 * 64 = 3072 parameters each
+    dense = sum(p.numel() for p in model.parameters())
+    with caplog.at_level("INFO", logger="moe_plugin.convert.moefy"):
+        moefy(model, num_experts=4, top_k=1)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == dense + 3 * (3 * 3072 + 4 * 16)  # 3 extra expert copies + a 4x16 router per layer
+    active = total - 3 * 3 * 3072
+    assert "3 FFNs -> MoE (4 experts, top-1, expert width 64): 'blocks.0.ffn' ... 'blocks.2.ffn'" in caplog.text
+    assert f"parameters {dense:,} -> {total:,} total, {active:,} active per token" in caplog.text
