@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moe_plugin.convert.ffn import dense_ffn_from_state_dict, dense_keys
+from moe_plugin.convert.moefy import MoefySource, build_moe
 from moe_plugin.convert.upcycle import upcycle_moe_
 from moe_plugin.layers.moe import MoE
 
@@ -54,10 +55,15 @@ def load_dense_state_dict(
     generator = torch.Generator().manual_seed(seed)
     for name, moe in moes:
         src = _source(model, name)
+        # Every buffer and parameter of the layer gets a proper initial value first (after to_empty they
+        # hold whatever was in memory: router statistics, expert bias, biases the dense FFN lacks), then the
+        # upcycled weights overwrite the experts, shared experts and router.
+        p = next(moe.parameters())
+        moe.load_state_dict(build_moe(src, p.device, p.dtype).state_dict())
         dense = dense_ffn_from_state_dict(state_dict, f"{name}.", src.layout, src.conv1d, src.activation)
         upcycle_moe_(moe, dense, noise_std=noise_std, generator=generator, name=name)
     return [n for n, _ in moes]
 
 
-def _source(model: nn.Module, name: str):  # noqa: ANN202 - MoefySource, kept untyped to avoid a cycle
+def _source(model: nn.Module, name: str) -> MoefySource:
     return model.get_submodule(name).moefy_source

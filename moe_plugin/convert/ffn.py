@@ -5,6 +5,7 @@ Shapes: D hidden (model width), F dense FFN hidden.
 A dense FFN is described by a `FFNLayout`: which child projections it has and what they are called.
 
     gated (SwiGLU/GeGLU):  y = down(act(gate(x)) * up(x))      Llama/Mistral/Qwen/Gemma, Meta's w1/w3/w2
+    fused gate|up:         g, u = gate_up(x).chunk(2); y = down(act(g) * u)           Phi-3
     two-layer:             y = down(act(up(x)))                 GPT-2 c_fc/c_proj, fc1/fc2, Sequential
 
 Projections may be `nn.Linear` (weight [out, in]) or GPT-2's `Conv1D` (weight [in, out]); `read_ffn`
@@ -27,6 +28,8 @@ GATED_NAMES: tuple[tuple[str, str, str], ...] = (
     ("gate", "up", "down"),
     ("fc_gate", "fc_up", "fc_down"),
 )
+# (gate_up, down) for gated MLPs whose gate and up projections are one [D -> 2F] Linear, gate half first.
+FUSED_NAMES: tuple[tuple[str, str], ...] = (("gate_up_proj", "down_proj"),)  # HF Phi-3
 TWO_LAYER_NAMES: tuple[tuple[str, str], ...] = (
     ("c_fc", "c_proj"),  # HF GPT-2 (Conv1D)
     ("fc1", "fc2"),  # OPT, ViT, BART, many user models
@@ -45,15 +48,19 @@ _HARMLESS = (nn.Dropout, nn.Identity)
 
 @dataclass(frozen=True)
 class FFNLayout:
-    """Where a dense FFN keeps its projections (child names; "0"/"2" for an nn.Sequential)."""
+    """Where a dense FFN keeps its projections (child names; "0"/"2" for an nn.Sequential).
+
+    With `fused`, `up` names one projection computing [gate | up] (gate half first) and `gate` is None.
+    """
 
     up: str
     down: str
     gate: str | None = None
+    fused: bool = False
 
     @property
     def gated(self) -> bool:
-        return self.gate is not None
+        return self.gate is not None or self.fused
 
     def names(self) -> tuple[str, ...]:
         return tuple(n for n in (self.gate, self.up, self.down) if n is not None)
@@ -129,6 +136,7 @@ def infer_layout(module: nn.Module, layout: FFNLayout | None = None) -> list[FFN
         candidates = [layout]
     else:
         candidates = [FFNLayout(gate=g, up=u, down=d) for g, u, d in GATED_NAMES]
+        candidates += [FFNLayout(up=u, down=d, fused=True) for u, d in FUSED_NAMES]
         candidates += [FFNLayout(up=u, down=d) for u, d in TWO_LAYER_NAMES]
     found = []
     for cand in candidates:
@@ -139,7 +147,7 @@ def infer_layout(module: nn.Module, layout: FFNLayout | None = None) -> list[FFN
             continue
         found.append(cand)
     # A gated layout includes a two-layer one with the same up/down names; keep the gated reading.
-    gated_pairs = {(f.up, f.down) for f in found if f.gated}
+    gated_pairs = {(f.up, f.down) for f in found if f.gate is not None}
     return [f for f in found if f.gated or (f.up, f.down) not in gated_pairs]
 
 
@@ -175,6 +183,10 @@ def check_shapes(name: str, module: nn.Module, layout: FFNLayout) -> tuple[int, 
     d_in, f = projection_in_out(children[layout.up])
     f_down, d_out = projection_in_out(children[layout.down])
     problems = []
+    if layout.fused:
+        if f % 2:
+            problems.append(f"the fused {layout.up} produces {f} features, not an even [gate | up] pair")
+        f //= 2
     if layout.gate is not None:
         g_in, g_out = projection_in_out(children[layout.gate])
         if (g_in, g_out) != (d_in, f):
@@ -200,6 +212,8 @@ def read_ffn(module: nn.Module, layout: FFNLayout, activation: nn.Module | None 
     w_gate, b_gate = (None, None)
     if layout.gate is not None:
         w_gate, b_gate = projection_weight_in_out(children[layout.gate])
+    if layout.fused:
+        (w_gate, w_up), (b_gate, b_up) = _split_gate_up(w_up, b_up)
     return DenseFFN(
         w_up_DF=w_up,
         w_down_FD=w_down,
@@ -234,6 +248,8 @@ def dense_ffn_from_state_dict(
     w_down, b_down = proj(layout.down)
     w_gate, b_gate = proj(layout.gate)
     assert w_up is not None and w_down is not None
+    if layout.fused:
+        (w_gate, w_up), (b_gate, b_up) = _split_gate_up(w_up, b_up)
     return DenseFFN(w_up, w_down, w_gate, b_up, b_down, b_gate, activation, layout)
 
 
@@ -247,3 +263,12 @@ def dense_keys(prefix: str, layout: FFNLayout, state_dict: dict[str, torch.Tenso
 
 def is_silu(act: nn.Module | None) -> bool:
     return act is not None and (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"))
+
+
+def _split_gate_up(
+    w_D2F: torch.Tensor, b_2F: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """[gate | up] halves of a fused projection's [D, 2F] weight and [2F] bias (gate first, as in Phi-3)."""
+    w_gate, w_up = w_D2F.chunk(2, dim=-1)
+    b_gate, b_up = b_2F.chunk(2, dim=-1) if b_2F is not None else (None, None)
+    return (w_gate, w_up), (b_gate, b_up)

@@ -62,6 +62,29 @@ class MoefySource:
     conv1d: bool
     activation: nn.Module
     dense_type: str
+    bias: bool
+    moe_args: dict[str, Any]
+
+
+def build_moe(source: MoefySource, device: torch.device | str, dtype: torch.dtype) -> MoE:
+    """A freshly initialised MoE layer for a dense FFN described by `source` (also used to re-initialise
+    a layer materialised from the meta device before upcycling it from a checkpoint)."""
+    args = source.moe_args
+    with torch.device(device):
+        moe = MoE(**args)
+        if not is_swiglu(source.layout.gated, source.activation, source.bias):
+            # Keep the MoE's own SwiGLU experts (and their fast path) when they fit; else match the FFN.
+            moe.experts = mlp_experts_for(
+                args["num_experts"],
+                args["hidden_size"],
+                args["expert_hidden_size"],
+                source.layout.gated,
+                source.activation,
+                source.bias,
+            )
+    moe.to(dtype=dtype)
+    moe.moefy_source = source
+    return moe
 
 
 def moefy(
@@ -139,25 +162,21 @@ def moefy(
         f, shared_f = _expert_sizes(
             name, F, expert_hidden_size, granularity, num_shared_experts, shared_expert_hidden_size
         )
-        with torch.device(weight.device):
-            moe = MoE(
-                hidden_size=D,
-                num_experts=num_experts,
-                top_k=top_k,
-                expert_hidden_size=f,
-                num_shared_experts=num_shared_experts,
-                shared_expert_hidden_size=shared_f,
-                shared_expert_gate=shared_expert_gate,
-                norm_topk_prob=norm_topk_prob,
-                aux_loss_coef=aux_loss_coef,
-                z_loss_coef=z_loss_coef,
-                **moe_kwargs,
-            )
-            if not is_swiglu(lay.gated, act, has_bias):
-                # Keep the MoE's own SwiGLU experts (and their fast path) when they fit; else match the FFN.
-                moe.experts = mlp_experts_for(num_experts, D, f, lay.gated, act, has_bias)
-        moe.to(dtype=weight.dtype)
-        moe.moefy_source = MoefySource(lay, _is_conv1d_layout(module, lay), act, type(module).__name__)
+        moe_args = dict(
+            hidden_size=D,
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_hidden_size=f,
+            num_shared_experts=num_shared_experts,
+            shared_expert_hidden_size=shared_f,
+            shared_expert_gate=shared_expert_gate,
+            norm_topk_prob=norm_topk_prob,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            **moe_kwargs,
+        )
+        source = MoefySource(lay, _is_conv1d_layout(module, lay), act, type(module).__name__, has_bias, moe_args)
+        moe = build_moe(source, weight.device, weight.dtype)
         moe.train(module.training)
         if upcycle:
             upcycle_moe_(moe, read_ffn(module, lay, act), noise_std=noise_std, generator=generator, name=name)

@@ -120,6 +120,9 @@ def upcycle_moe_(
     for attr, b in (("b_up_EF", dense.b_up_F), ("b_gate_EF", dense.b_gate_F)):
         if b is not None:
             _copy(getattr(experts, attr), b[cols_Ef])
+    for attr, b in (("b_up_EF", dense.b_up_F), ("b_gate_EF", dense.b_gate_F), ("b_down_ED", dense.b_down_D)):
+        if b is None and getattr(experts, attr, None) is not None:
+            getattr(experts, attr).zero_()  # a bias the dense FFN lacks is 0 (memory may be from to_empty)
     if dense.b_down_D is not None:
         # Each token's top-k weights sum to 1, so giving every expert the full bias adds it exactly once.
         _copy(experts.b_down_ED, dense.b_down_D.expand(E, -1) * (scale / G))

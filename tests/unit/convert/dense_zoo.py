@@ -32,6 +32,20 @@ class GeGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class FusedSwiGLU(nn.Module):
+    """Phi-3 style: one [D -> 2F] projection holding [gate | up]."""
+
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d, 2 * f, bias=True)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.activation_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.activation_fn(gate) * up)
+
+
 class GELUMLP(nn.Module):
     def __init__(self, d: int, f: int) -> None:
         super().__init__()

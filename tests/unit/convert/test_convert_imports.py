@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 CONVERT = Path(__file__).resolve().parents[3] / "moe_plugin" / "convert"
-STDLIB_OK = {"__future__", "copy", "dataclasses", "re", "warnings", "collections", "collections.abc", "typing", "math"}
+STDLIB_OK = {
+    "__future__",
+    "logging",
+    "copy",
+    "dataclasses",
+    "re",
+    "warnings",
+    "collections",
+    "collections.abc",
+    "typing",
+    "math",
+}
 
 
 @pytest.mark.parametrize("path", sorted(CONVERT.glob("*.py")), ids=lambda p: p.name)

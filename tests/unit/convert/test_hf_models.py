@@ -38,6 +38,8 @@ def _llama(kind: str = "llama"):
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
     if kind == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if kind == "phi3":  # fused gate_up_proj
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=0))
     cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     return transformers.GPT2LMHeadModel(cfg)
 
@@ -81,7 +83,7 @@ def test_tiny_llama_upcycled_logits_equal_then_trains():
     assert not torch.equal(w[0], w[1]), "experts should diverge once they see different tokens"
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "phi3", "gpt2"])
 def test_other_hf_families_upcycle_exactly_with_fine_grained_experts(kind):
     torch.manual_seed(0)
     model = _llama(kind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dense_zoo import GELUMLP, Block, GeGLU, SwiGLU, TinyLM, sequential_mlp
+from dense_zoo import GELUMLP, Block, FusedSwiGLU, GeGLU, SwiGLU, TinyLM, sequential_mlp
 from torch import nn
 
 from moe_plugin import MoE, moefy
@@ -18,6 +18,7 @@ from moe_plugin.layers.mlp_experts import GroupedMLPExperts
     [
         (SwiGLU, FFNLayout(gate="w1", up="w3", down="w2"), GroupedExperts),
         (GeGLU, FFNLayout(gate="gate_proj", up="up_proj", down="down_proj"), GroupedMLPExperts),
+        (FusedSwiGLU, FFNLayout(up="gate_up_proj", down="down_proj", fused=True), GroupedMLPExperts),
         (GELUMLP, FFNLayout(up="fc1", down="fc2"), GroupedMLPExperts),
         (sequential_mlp, FFNLayout(up="0", down="2"), GroupedMLPExperts),
     ],

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from dense_zoo import GELUMLP, GeGLU, SwiGLU, TinyLM, scramble_, sequential_mlp
+from dense_zoo import GELUMLP, FusedSwiGLU, GeGLU, SwiGLU, TinyLM, scramble_, sequential_mlp
 from torch import nn
 
 from moe_plugin import MoE, collect_aux_losses, moefy
@@ -15,7 +15,8 @@ from moe_plugin.convert.ffn import read_ffn
 from moe_plugin.convert.moefy import dense_forward
 from moe_plugin.layers.mlp_experts import GroupedMLPExperts
 
-FFNS = [SwiGLU, GeGLU, GELUMLP, sequential_mlp]
+_ROUTER_VARIANTS_EARLY = "expert_bias" in inspect.signature(MoE).parameters
+FFNS = [SwiGLU, GeGLU, FusedSwiGLU, GELUMLP, sequential_mlp]
 # (num_experts, top_k, granularity): plain upcycling, top-1, and fine-grained splits of the dense FFN.
 RECIPES = [(4, 2, 1), (8, 1, 1), (8, 4, 4), (8, 4, 2), (16, 8, 4)]
 
@@ -207,14 +208,28 @@ def test_verification_catches_a_forward_that_is_not_the_plain_ffn():
         moefy(model, upcycle=True, activation="silu")
 
 
-def test_meta_build_then_load_dense_checkpoint_equals_dense():
-    dense_model, ids = _dense_and_ids(GeGLU)
+@pytest.mark.parametrize("ffn", [GeGLU, FusedSwiGLU])
+def test_meta_build_then_load_dense_checkpoint_equals_dense(ffn):
+    _meta_build_then_load(ffn)
+
+
+@pytest.mark.skipif(not _ROUTER_VARIANTS_EARLY, reason="MoE has no expert bias / routing warmup buffers yet")
+def test_meta_build_resets_router_buffers_before_upcycling():
+    _meta_build_then_load(SwiGLU, expert_bias=True, routing_warmup=True, routing_warmup_steps=10)
+
+
+def _meta_build_then_load(ffn, **moe_kwargs):
+    dense_model, ids = _dense_and_ids(ffn)
     with torch.no_grad():
         dense = dense_model(ids)
     with torch.device("meta"):
-        model = TinyLM(GeGLU)
-    moefy(model, num_experts=8, top_k=4, granularity=4)
+        model = TinyLM(ffn)
+    act = "silu" if ffn in (FusedSwiGLU, SwiGLU) else None  # on meta nothing can be probed
+    moefy(model, num_experts=8, top_k=4, granularity=4, activation=act, **moe_kwargs)
     model.to_empty(device="cpu")
+    with torch.no_grad():  # to_empty leaves whatever was in memory: make that as bad as it gets
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(float("nan")) if t.is_floating_point() else t.fill_(7)
     names = load_dense_state_dict(model, dense_model.state_dict())
     assert names == [f"blocks.{i}.ffn" for i in range(3)]
     model.eval()
