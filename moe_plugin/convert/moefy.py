@@ -144,6 +144,11 @@ def moefy(
     act_override = _activation(activation)
     matches = find_ffns(model, target, layout)
     selected = [m for i, m in enumerate(matches) if i >= skip_first and (i - skip_first) % every == 0]
+    if not selected:
+        raise ValueError(
+            f"moefy: skip_first={skip_first} skips all {len(matches)} matched FFNs "
+            f"({[n for n, _, _ in matches][:5]}...); use skip_first < {len(matches)}."
+        )
     generator = torch.Generator().manual_seed(seed)
     dense_params = sum(p.numel() for p in model.parameters())
 

@@ -188,6 +188,7 @@ def test_error_incompatible_shapes():
         (dict(noise_std=-1.0), "noise_std=-1.0"),
         (dict(activation="swish2"), "activation='swish2' is unknown"),
         (dict(granularity=3), "does not split into num_shared_experts \\+ granularity = 3"),
+        (dict(skip_first=3), "skip_first=3 skips all 3 matched FFNs"),
     ],
 )
 def test_error_bad_arguments(kwargs, match):
