@@ -5,18 +5,22 @@ Shapes: T tokens, E experts.
 For training step i (the optimizer step count, set from outside with `set_step`) and W warmup steps:
 
     a        = min(i / W, 1)
-    s'_TE    = a * s_TE + (1 - a) * (mu_E + sigma_E * eps_TE),      eps_TE ~ N(0, I)
+    s'_TE    = a * s_TE + (1 - a) * (mu + sigma * eps_TE),      eps_TE ~ N(0, I)
 
-s are the router logits, mu_E / sigma_E the running mean and standard deviation of each expert's
-logit over tokens, tracked with an exponential moving average (momentum m, per training forward):
+s are the router logits, mu / sigma the running mean and standard deviation of all logits (over tokens
+and experts), tracked with an exponential moving average (momentum m, per training forward):
 
-    mu_E    <- m * mu_E    + (1 - m) * mean_t(s_tE)          (first batch: mu_E = mean_t(s_tE))
-    sigma_E <- m * sigma_E + (1 - m) * std_t(s_tE)
+    mu    <- m * mu    + (1 - m) * mean(s)          (first batch: mu = mean(s), sigma = std(s))
+    sigma <- m * sigma + (1 - m) * std(s)
+
+The statistics are scalars on purpose: the random part must be identically distributed across experts,
+otherwise a router that starts (or drifts) with a per-expert offset would keep routing to the same
+experts during warmup (tests/unit/layers/test_routing_warmup.py shows per-expert statistics failing).
 
 At step 0 routing is random at the logits' own scale, so expert load is balanced and a hot expert
 cannot exhaust memory in dropless mode; control then moves linearly to the learned router. From step W
 on (and in eval mode) the learned logits are returned unchanged, bit for bit. The paper leaves W and the
-statistics' granularity open: W is required, statistics are per expert, m defaults to 0.99.
+statistics' granularity open: W is required, statistics are scalars, m defaults to 0.99.
 
 Why the step is set from outside: a layer cannot tell optimizer steps from gradient-accumulation
 micro-batches or activation-checkpoint recomputation. The `RoutingWarmupStep` callback (lightning/)
@@ -43,8 +47,9 @@ class StochasticRoutingWarmup(nn.Module):
         self.warmup_steps = warmup_steps
         self.momentum = momentum
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("logit_mean_E", torch.zeros(num_experts))
-        self.register_buffer("logit_std_E", torch.ones(num_experts))
+        self.num_experts = num_experts
+        self.register_buffer("logit_mean", torch.zeros(()))
+        self.register_buffer("logit_std", torch.ones(()))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # Host copy of `step`, so that the forward does not read a device tensor (a sync on accelerators).
         self._step_host: int | None = None
@@ -65,16 +70,15 @@ class StochasticRoutingWarmup(nn.Module):
 
     @torch.no_grad()
     def _update_stats(self, logits_TE: torch.Tensor) -> None:
-        if logits_TE.shape[0] < 2:
+        if logits_TE.numel() < 2:
             return
-        mean_E = logits_TE.mean(dim=0)
-        std_E = logits_TE.std(dim=0)
+        mean, std = logits_TE.mean(), logits_TE.std()
         if int(self.num_updates) == 0:
-            self.logit_mean_E.copy_(mean_E)
-            self.logit_std_E.copy_(std_E)
+            self.logit_mean.copy_(mean)
+            self.logit_std.copy_(std)
         else:
-            self.logit_mean_E.lerp_(mean_E, 1.0 - self.momentum)
-            self.logit_std_E.lerp_(std_E, 1.0 - self.momentum)
+            self.logit_mean.lerp_(mean, 1.0 - self.momentum)
+            self.logit_std.lerp_(std, 1.0 - self.momentum)
         self.num_updates += 1
 
     def forward(self, logits_TE: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,7 @@ class StochasticRoutingWarmup(nn.Module):
             return logits_TE
         self._update_stats(logits_TE.detach())
         noise_TE = torch.randn_like(logits_TE)
-        random_TE = self.logit_mean_E + self.logit_std_E * noise_TE
+        random_TE = self.logit_mean + self.logit_std * noise_TE
         return a * logits_TE + (1.0 - a) * random_TE
 
     def extra_repr(self) -> str:
