@@ -201,6 +201,7 @@ class ExpertLoad(Callback):
 
 def render_heatmap(history: list[dict[str, Any]], path: str) -> None:
     """Two panels: the latest layers x experts load share, and each layer's max/mean over snapshots."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
@@ -210,27 +211,35 @@ def render_heatmap(history: list[dict[str, Any]], path: str) -> None:
     L = len(share)
     E = max(len(row) for row in share)
     grid = [[row[e] if e < len(row) else math.nan for e in range(E)] for row in share]
-    # A symmetric log colour scale around 1: 4x over- and under-loaded look equally strong; zeros clamp.
+    # A symmetric log colour scale around 1: 4x over- and under-loaded look equally strong. Dead experts
+    # (no tokens) are drawn black, below the scale.
     vmax = max(4.0, max((v for row in grid for v in row if v == v), default=1.0))
     norm = LogNorm(vmin=1.0 / vmax, vmax=vmax)
-    masked = [[max(v, 1.0 / vmax) if v == v else math.nan for v in row] for row in grid]
+    shown = [[(v if v > 0 else 0.5 / vmax) if v == v else math.nan for v in row] for row in grid]
+    cmap = colormaps["RdBu_r"].with_extremes(under="black", bad="lightgrey")
 
-    fig = Figure(figsize=(min(4 + 0.18 * E, 20) + 4, 1.2 + 0.35 * L), dpi=100)
+    width_now = min(3 + 0.16 * E, 18)
+    width_time = min(3 + 0.3 * len(history), 8)
+    fig = Figure(figsize=(width_now + width_time, 1.5 + 0.3 * L), dpi=100)
     FigureCanvasAgg(fig)
-    ax_now, ax_time = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(E, 4), max(len(history), 4)]})
-    im = ax_now.imshow(masked, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+    ax_now, ax_time = fig.subplots(1, 2, gridspec_kw={"width_ratios": [width_now, width_time]})
+    im = ax_now.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax_now.set_xlabel("expert")
     ax_now.set_ylabel("MoE layer")
-    ax_now.set_title(f"load / mean, step {latest['step']}")
-    fig.colorbar(im, ax=ax_now, fraction=0.046, pad=0.02)
+    ax_now.set_title(f"tokens / mean tokens per expert, step {latest['step']} (black: dead)")
+    ticks = [t for t in (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8) if 1 / vmax <= t <= vmax]
+    bar = fig.colorbar(im, ax=ax_now, fraction=0.046, pad=0.02, ticks=ticks)
+    bar.ax.set_yticklabels([f"{t:g}" for t in ticks])
+    bar.ax.minorticks_off()
 
     over_time = [[snap["max_over_mean"][layer] for snap in history] for layer in range(L)]
     im2 = ax_time.imshow(over_time, aspect="auto", cmap="magma", interpolation="nearest", vmin=1.0)
     steps = [snap["step"] for snap in history]
-    ticks = list(range(0, len(steps), max(1, len(steps) // 6)))
-    ax_time.set_xticks(ticks, [str(steps[i]) for i in ticks])
+    every = max(1, math.ceil(len(steps) / 6))
+    ax_time.set_xticks(list(range(0, len(steps), every)), [str(steps[i]) for i in range(0, len(steps), every)])
+    ax_time.tick_params(axis="x", labelrotation=45)
     ax_time.set_xlabel("step")
-    ax_time.set_yticks([])
+    ax_time.set_ylabel("MoE layer")
     ax_time.set_title("max / mean load over training")
     fig.colorbar(im2, ax=ax_time, fraction=0.046, pad=0.02)
     fig.tight_layout()
