@@ -197,8 +197,14 @@ PHASES = {
     "routing": ("topk", "softmax", "_softmax", "linear", "addmm", "logsumexp", "sigmoid"),
     "permute": ("argsort", "sort", "bincount", "index_select", "index_add", "cumsum", "index_put", "scatter"),
     "expert GEMMs": ("_grouped_mm", "mm", "bmm", "silu", "silu_backward", "mul"),
-    "combine": ("embedding_bag", "_embedding_bag", "embedding_bag_backward", "_embedding_bag_backward",
-                "_embedding_bag_dense_backward", "_embedding_bag_per_sample_weights_backward"),
+    "combine": (
+        "embedding_bag",
+        "_embedding_bag",
+        "embedding_bag_backward",
+        "_embedding_bag_backward",
+        "_embedding_bag_dense_backward",
+        "_embedding_bag_per_sample_weights_backward",
+    ),
 }
 
 
@@ -248,11 +254,18 @@ def main() -> int:
             mems = {} if args.no_memory else {name: peak_memory(fn) for name, fn in contenders.items()}
             for name in contenders:
                 results.append(
-                    {"shape": shape, "routing": routing, "impl": name, "ms": round(times[name], 2),
-                     "peak_mib": round(mems[name] / 2**20, 1) if mems else None}
+                    {
+                        "shape": shape,
+                        "routing": routing,
+                        "impl": name,
+                        "ms": round(times[name], 2),
+                        "peak_mib": round(mems[name] / 2**20, 1) if mems else None,
+                    }
                 )
             print_table([r for r in results if r["shape"] == shape and r["routing"] == routing])
-    breakdown = {shape: phase_breakdown(shape, args.tokens) for shape in shapes} if (only is None or "ours" in only) else {}
+    breakdown = (
+        {shape: phase_breakdown(shape, args.tokens) for shape in shapes} if (only is None or "ours" in only) else {}
+    )
     for shape, parts in breakdown.items():
         print(f"where the time goes, ours, {shape}, balanced: " + ", ".join(f"{k} {v}%" for k, v in parts.items()))
     ratios = compute_ratios(results)
@@ -288,6 +301,7 @@ def print_table(rows: list[dict]) -> None:
 
 def compute_ratios(results: list[dict]) -> list[dict]:
     """The issue's targets, as ratios measured in this run."""
+
     def get(shape: str, routing: str, impl: str, key: str = "ms") -> float | None:
         r = next((r for r in results if (r["shape"], r["routing"], r["impl"]) == (shape, routing, impl)), None)
         return None if r is None else r[key]
@@ -298,8 +312,15 @@ def compute_ratios(results: list[dict]) -> list[dict]:
         if num is None or den is None or not den:
             return
         ratio = num / den
-        out.append({"name": name, "ratio": round(ratio, 3), "target": target, "met": ratio <= target,
-                    "text": f"{name:<52} {ratio:6.2f}  (target <= {target}) {'met' if ratio <= target else 'NOT met'}"})
+        out.append(
+            {
+                "name": name,
+                "ratio": round(ratio, 3),
+                "target": target,
+                "met": ratio <= target,
+                "text": f"{name:<52} {ratio:6.2f}  (target <= {target}) {'met' if ratio <= target else 'NOT met'}",
+            }
+        )
 
     add("ours / dense, coarse, balanced", get("coarse", "balanced", "ours"), get("coarse", "balanced", "dense"), 1.25)
     add("ours / dense, fine, balanced", get("fine", "balanced", "ours"), get("fine", "balanced", "dense"), 1.6)
@@ -307,12 +328,31 @@ def compute_ratios(results: list[dict]) -> list[dict]:
         for routing in ("balanced", "skewed"):
             hf = [get(shape, routing, n) for n in ("hf_mixtral_eager", "hf_mixtral_grouped_mm", "hf_qwen3_grouped_mm")]
             hf = [v for v in hf if v is not None]
-            add(f"ours / best transformers, {shape}, {routing}", get(shape, routing, "ours"), min(hf) if hf else None, 0.8)
-        add(f"ours / deepspeed cap 1.0, {shape}, balanced", get(shape, "balanced", "ours"), get(shape, "balanced", "ds_cap1"), 1.0)
-        add(f"ours / deepspeed dropless, {shape}, skewed", get(shape, "skewed", "ours"), get(shape, "skewed", "ds_dropless"), 0.5)
+            add(
+                f"ours / best transformers, {shape}, {routing}",
+                get(shape, routing, "ours"),
+                min(hf) if hf else None,
+                0.8,
+            )
+        add(
+            f"ours / deepspeed cap 1.0, {shape}, balanced",
+            get(shape, "balanced", "ours"),
+            get(shape, "balanced", "ds_cap1"),
+            1.0,
+        )
+        add(
+            f"ours / deepspeed dropless, {shape}, skewed",
+            get(shape, "skewed", "ours"),
+            get(shape, "skewed", "ds_dropless"),
+            0.5,
+        )
     for routing in ("balanced", "skewed"):
-        add(f"peak memory ours / dense, coarse, {routing}", get("coarse", routing, "ours", "peak_mib"),
-            get("coarse", routing, "dense", "peak_mib"), 1.5)
+        add(
+            f"peak memory ours / dense, coarse, {routing}",
+            get("coarse", routing, "ours", "peak_mib"),
+            get("coarse", routing, "dense", "peak_mib"),
+            1.5,
+        )
     return out
 
 

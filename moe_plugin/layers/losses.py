@@ -52,7 +52,9 @@ def sequence_load_balancing_loss(scores_BSE: torch.Tensor, topk_ids_BSK: torch.T
     B, S, E = scores_BSE.shape
     K = topk_ids_BSK.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    counts_BE.scatter_add_(1, topk_ids_BSK.reshape(B, S * K), torch.ones_like(topk_ids_BSK, dtype=scores_BSE.dtype).reshape(B, S * K))
+    counts_BE.scatter_add_(
+        1, topk_ids_BSK.reshape(B, S * K), torch.ones_like(topk_ids_BSK, dtype=scores_BSE.dtype).reshape(B, S * K)
+    )
     f_BE = counts_BE / (S * K)
     P_BE = scores_BSE.mean(dim=1)
     return E * (f_BE * P_BE).sum(dim=-1).mean()

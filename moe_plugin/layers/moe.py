@@ -96,13 +96,9 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         if balance_loss_type not in BALANCE_LOSS_TYPES:
-            raise ValueError(
-                f"model.moe.balance_loss_type={balance_loss_type!r} must be one of {BALANCE_LOSS_TYPES}."
-            )
+            raise ValueError(f"model.moe.balance_loss_type={balance_loss_type!r} must be one of {BALANCE_LOSS_TYPES}.")
         if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(
-                f"model.moe.capacity_factor={capacity_factor} must be > 0, or null for dropless routing."
-            )
+            raise ValueError(f"model.moe.capacity_factor={capacity_factor} must be > 0, or null for dropless routing.")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"model.moe.drop_policy={drop_policy!r} must be one of {DROP_POLICIES}.")
         if routing_warmup and routing_warmup_steps is None:
@@ -171,7 +167,12 @@ class MoE(nn.Module):
 
         routing = self.router(x_TD)
         permuted = permute(
-            x_TD, routing.topk_ids_TK, self.num_experts, routing.probs_TK, self._capacity(x_TD.shape[0]), self.drop_policy
+            x_TD,
+            routing.topk_ids_TK,
+            self.num_experts,
+            routing.probs_TK,
+            self._capacity(x_TD.shape[0]),
+            self.drop_policy,
         )
         x_MD, tokens_per_local_expert_L = self._dispatch(permuted.x_ND, permuted.tokens_per_expert_E)
         y_MD = self.experts(x_MD, tokens_per_local_expert_L)
@@ -238,7 +239,9 @@ class MoE(nn.Module):
         self.last_num_copies = routing.topk_ids_TK.numel()
         if self.training:
             self.total_tokens_per_expert_E = (
-                routed_E.clone() if self.total_tokens_per_expert_E is None else self.total_tokens_per_expert_E + routed_E
+                routed_E.clone()
+                if self.total_tokens_per_expert_E is None
+                else self.total_tokens_per_expert_E + routed_E
             )
             self.total_dropped = dropped.clone() if self.total_dropped is None else self.total_dropped + dropped
             self.total_copies += self.last_num_copies

@@ -32,7 +32,9 @@ class RouterUpdates(Callback):
     def __init__(self, expert_bias_update_rate: float | None = None) -> None:
         """expert_bias_update_rate: overrides every layer's own `expert_bias_update_rate` when set."""
         if expert_bias_update_rate is not None and expert_bias_update_rate < 0:
-            raise ValueError(f"callbacks.router_updates.expert_bias_update_rate={expert_bias_update_rate} must be >= 0.")
+            raise ValueError(
+                f"callbacks.router_updates.expert_bias_update_rate={expert_bias_update_rate} must be >= 0."
+            )
         self.expert_bias_update_rate = expert_bias_update_rate
         self._step_open = False
 

@@ -34,7 +34,7 @@ def loop_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     x_TD = x.reshape(-1, x.shape[-1])
     routing = moe.router(x_TD)
     T, K = routing.topk_ids_TK.shape
-    copies = sorted(((int(routing.topk_ids_TK[t, k]), t, k) for t in range(T) for k in range(K)))
+    copies = sorted((int(routing.topk_ids_TK[t, k]), t, k) for t in range(T) for k in range(K))
     counts = torch.bincount(routing.topk_ids_TK.flatten(), minlength=moe.num_experts)
     x_ND = torch.stack([x_TD[t] for _, t, _ in copies])
     ex = moe.experts

@@ -10,7 +10,7 @@ from moe_plugin.layers.moe import MoE
 
 transformers = pytest.importorskip("transformers")
 
-D, I, E, K = 32, 48, 8, 2
+D, I, E, K = 32, 48, 8, 2  # noqa: E741
 
 
 def _copy_experts(ours: MoE, hf_experts) -> None:

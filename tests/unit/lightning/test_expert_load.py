@@ -94,7 +94,9 @@ def test_metrics_heatmap_csv_and_wandb(tmp_path, monkeypatch):
     assert pngs == ["step_0000003.png", "step_0000006.png"]
     assert len(cb.history) == 2 and cb.history[-1]["load_share"][0] == pytest.approx([2.0, 2.0, 0.0, 0.0])
     assert os.path.exists(os.path.join(os.path.dirname(cb.heatmap_paths[0]), "history.json"))
-    images = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "**" / "*.png"), recursive=True)
+    images = glob.glob(
+        str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "**" / "*.png"), recursive=True
+    )
     assert len(images) == 2
 
 
