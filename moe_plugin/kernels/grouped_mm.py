@@ -82,17 +82,30 @@ def _torch_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(12, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
-        w = torch.randn(3, 16, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
-        counts = torch.tensor([5, 0, 7], device=device_type)
-        y = grouped_mm_torch(x, w, counts)
-        y.sum().backward()
-        ref = grouped_mm_loop(x.detach(), w.detach(), counts)
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        return bool(torch.allclose(y.detach().float(), ref.float(), atol=tol, rtol=tol)) and w.grad is not None
+        # Independent of the caller's context: no_grad, inference mode, a default device (models are
+        # built under `with torch.device("meta")` for inspection).
+        with torch.enable_grad(), torch.inference_mode(False), torch.device(device_type):
+            return _probe(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
+    w = torch.randn(3, 16, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
+    counts = torch.tensor([5, 0, 7], device=device_type)
+    y = grouped_mm_torch(x, w, counts)
+    y.sum().backward()
+    ref = grouped_mm_loop(x.detach(), w.detach(), counts)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(y.detach().float(), ref.float(), atol=tol, rtol=tol)) and w.grad is not None
+
+
+def check_backend(backend: str) -> None:
+    """Validate a backend name without probing (cheap; safe on meta devices)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_mm_backend={backend!r} is not one of {BACKENDS}; use 'auto' unless debugging.")
 
 
 def select_grouped_mm(
@@ -103,8 +116,7 @@ def select_grouped_mm(
     "auto": torch._grouped_mm when it works there (probed once per device type and dtype), else the loop.
     "torch": torch._grouped_mm, error if it does not work there. "loop": the fallback.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"grouped_mm_backend={backend!r} is not one of {BACKENDS}; use 'auto' unless debugging.")
+    check_backend(backend)
     device_type = torch.device(device).type
     if backend == "loop":
         return grouped_mm_loop

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_plugin.kernels.grouped_mm import GroupedMM, select_grouped_mm
+from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, select_grouped_mm
 
 
 class GroupedExperts(nn.Module):
@@ -40,7 +40,7 @@ class GroupedExperts(nn.Module):
                 f"GroupedExperts needs positive sizes, got num_experts={num_experts}, hidden_size={hidden_size}, "
                 f"expert_hidden_size={ffn_hidden_size}."
             )
-        select_grouped_mm(grouped_mm_backend)  # validate the name now, not at the first forward
+        check_backend(grouped_mm_backend)  # validate the name now, not at the first forward
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size

@@ -88,3 +88,18 @@ def test_torch_backend_handles_unaligned_strides(I, O, dtype):  # noqa: E741
     x, w, c = _problem([2, 4], I=I, O=O)
     y = grouped_mm_torch(x.to(dtype), w.to(dtype), c)
     torch.testing.assert_close(y.float(), _per_row_reference(x, w, c).detach(), atol=0.2, rtol=3e-2)
+
+
+def test_probe_is_independent_of_grad_mode():
+    from moe_plugin.kernels.grouped_mm import _torch_grouped_mm_works
+
+    _torch_grouped_mm_works.cache_clear()
+    with torch.no_grad():
+        assert _torch_grouped_mm_works("cpu", torch.float32)
+    _torch_grouped_mm_works.cache_clear()
+    with torch.inference_mode():
+        assert _torch_grouped_mm_works("cpu", torch.float32)
+
+    _torch_grouped_mm_works.cache_clear()
+    with torch.device("meta"):  # models are built on meta for `moe-plugin inspect`
+        assert _torch_grouped_mm_works("cpu", torch.float32)
