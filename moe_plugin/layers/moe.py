@@ -48,6 +48,7 @@ from moe_plugin.layers.losses import (
 )
 from moe_plugin.layers.permute import DROP_POLICIES, Permuted, expert_capacity, permute, unpermute
 from moe_plugin.layers.router import RouterOutput, TopKRouter
+from moe_plugin.layers.routing_warmup import in_backward
 
 BALANCE_LOSS_TYPES = ("micro_batch", "sequence", "global_batch")
 
@@ -214,7 +215,9 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------------------ losses and stats
     def _record(self, routing: RouterOutput, permuted: Permuted, shape: torch.Size) -> None:
         routed_E = permuted.routed_tokens_per_expert_E.detach()
-        counting = self.training and torch.is_grad_enabled()
+        # Activation-checkpoint recomputation (inside backward) computes the same tensors, so the saved
+        # tensors match, but must not count the tokens a second time.
+        counting = self.training and torch.is_grad_enabled() and not in_backward()
         if counting:
             self._warn_if_undriven()
             self.step_tokens_per_expert_E = (
@@ -237,7 +240,7 @@ class MoE(nn.Module):
         self.last_tokens_per_expert_E = routed_E
         self.last_dropped = dropped
         self.last_num_copies = routing.topk_ids_TK.numel()
-        if self.training:
+        if counting:
             self.total_tokens_per_expert_E = (
                 routed_E.clone()
                 if self.total_tokens_per_expert_E is None

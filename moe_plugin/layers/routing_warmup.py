@@ -34,6 +34,12 @@ import torch
 from torch import nn
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, where activation checkpointing recomputes forwards."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class StochasticRoutingWarmup(nn.Module):
     def __init__(self, num_experts: int, warmup_steps: int, momentum: float = 0.99) -> None:
         super().__init__()
@@ -87,7 +93,8 @@ class StochasticRoutingWarmup(nn.Module):
         a = self.blend()
         if a >= 1.0:
             return logits_TE
-        self._update_stats(logits_TE.detach())
+        if not in_backward():  # a checkpoint recompute reuses the statistics its forward produced
+            self._update_stats(logits_TE.detach())
         noise_TE = torch.randn_like(logits_TE)
         random_TE = self.logit_mean + self.logit_std * noise_TE
         return a * logits_TE + (1.0 - a) * random_TE

@@ -237,3 +237,16 @@ def test_experts_without_dispatcher_must_be_complete():
     m.experts = GroupedExperts(4, 16, 12, expert_offset=4)
     with pytest.raises(RuntimeError, match="no dispatcher is set"):
         m(torch.randn(3, 16))
+
+
+def test_activation_checkpoint_recompute_is_not_counted_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    m = _layer().train()
+    moe_start_step(m, 0)
+    x = torch.randn(6, 16, requires_grad=True)
+    y = checkpoint(m, x, use_reentrant=False)
+    aux = m.aux_loss
+    (y.sum() + aux).backward()
+    assert m.total_tokens_per_expert_E.sum() == 12 and m.step_tokens_per_expert_E.sum() == 12
+    assert m.router.weight.grad is not None

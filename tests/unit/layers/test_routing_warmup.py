@@ -78,3 +78,14 @@ def test_step_is_checkpointed():
 def test_bad_warmup_steps(steps):
     with pytest.raises(ValueError, match="routing_warmup_steps"):
         StochasticRoutingWarmup(4, steps)
+
+
+def test_activation_checkpoint_recompute_matches_forward():
+    from torch.utils.checkpoint import checkpoint
+
+    m = MoE(8, num_experts=8, top_k=2, expert_hidden_size=8, routing_warmup=True, routing_warmup_steps=10).train()
+    moe_start_step(m, 3)
+    x = torch.randn(6, 8, requires_grad=True)
+    y = checkpoint(m, x, use_reentrant=False)  # recompute must see the same noise and statistics
+    y.sum().backward()
+    assert int(m.router.warmup.num_updates) == 1
