@@ -67,8 +67,12 @@ class GroupedExperts(nn.Module):
                 "(one count per local expert)."
             )
         gmm = self.grouped_mm(x_ND)
-        h_NF = F.silu(gmm(x_ND, self.w_gate_EDF, tokens_per_expert_E)) * gmm(x_ND, self.w_up_EDF, tokens_per_expert_E)
-        return gmm(h_NF, self.w_down_EFD, tokens_per_expert_E)
+        # Gate and up projections as ONE grouped GEMM of width 2F: half the kernel launches (per expert on
+        # CPU), larger GEMMs. The weights stay separate parameters (checkpoints, expert parallelism and
+        # converters address w_gate_EDF / w_up_EDF); the concatenation copies E*D*2F values per forward.
+        w_gate_up_ED2F = torch.cat([self.w_gate_EDF, self.w_up_EDF], dim=2)
+        gate_NF, up_NF = gmm(x_ND, w_gate_up_ED2F, tokens_per_expert_E).chunk(2, dim=1)
+        return gmm(F.silu(gate_NF) * up_NF, self.w_down_EFD, tokens_per_expert_E)
 
     def extra_repr(self) -> str:
         return (
