@@ -81,6 +81,7 @@ def build_moe(source: MoefySource, device: torch.device | str, dtype: torch.dtyp
                 source.layout.gated,
                 source.activation,
                 source.bias,
+                args.get("grouped_mm_backend", "auto"),
             )
     moe.to(dtype=dtype)
     moe.moefy_source = source

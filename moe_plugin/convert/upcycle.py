@@ -173,10 +173,24 @@ def is_swiglu(dense_gated: bool, activation: nn.Module | None, bias: bool) -> bo
 
 
 def mlp_experts_for(
-    num_experts: int, hidden_size: int, expert_hidden_size: int, gated: bool, activation: nn.Module | None, bias: bool
+    num_experts: int,
+    hidden_size: int,
+    expert_hidden_size: int,
+    gated: bool,
+    activation: nn.Module | None,
+    bias: bool,
+    grouped_mm_backend: str = "auto",
 ) -> GroupedMLPExperts:
     """Experts that compute a non-SwiGLU dense FFN's function (its activation, gating and biases)."""
-    return GroupedMLPExperts(num_experts, hidden_size, expert_hidden_size, activation, gated=gated, bias=bias)
+    return GroupedMLPExperts(
+        num_experts,
+        hidden_size,
+        expert_hidden_size,
+        activation,
+        gated=gated,
+        bias=bias,
+        grouped_mm_backend=grouped_mm_backend,
+    )
 
 
 @torch.no_grad()

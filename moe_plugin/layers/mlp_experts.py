@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from moe_plugin.kernels.grouped_mm import check_backend, select_grouped_mm
+
 
 class GroupedMLPExperts(nn.Module):
     def __init__(
@@ -33,8 +35,11 @@ class GroupedMLPExperts(nn.Module):
         gated: bool = True,
         bias: bool = False,
         expert_offset: int = 0,
+        grouped_mm_backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_backend(grouped_mm_backend)
+        self.grouped_mm_backend = grouped_mm_backend
         self.num_experts = num_experts
         # Under expert parallelism this module holds experts expert_offset .. expert_offset + E - 1.
         self.expert_offset = expert_offset
@@ -64,26 +69,24 @@ class GroupedMLPExperts(nn.Module):
                 nn.init.zeros_(b)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for e, x_nD in enumerate(torch.split(x_ND, tokens_per_expert_E.tolist(), dim=0)):
-            outputs.append(self.expert(e, x_nD))
-        return torch.cat(outputs, dim=0) if outputs else x_ND.new_zeros(0, self.hidden_size)
+        """The module docstring's formula for every copy, through the grouped-matmul seam (kernels/)."""
+        gmm = select_grouped_mm(self.grouped_mm_backend, x_ND.device, x_ND.dtype)
+        counts_E = tokens_per_expert_E.to(x_ND.device)
 
-    def expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
-        """Expert e applied to its token copies; the formula in the module docstring."""
-        up_nF = _affine(x_nD, self.w_up_EDF[e], self.b_up_EF, e)
+        def affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            y = gmm(x, w, tokens_per_expert_E)
+            # Each copy gets its expert's bias: row e of b repeated for that expert's copies.
+            return y if b is None else y + b.repeat_interleave(counts_E, dim=0, output_size=x.shape[0])
+
+        up_NF = affine(x_ND, self.w_up_EDF, self.b_up_EF)
         if self.w_gate_EDF is not None:
-            h_nF = self.activation(_affine(x_nD, self.w_gate_EDF[e], self.b_gate_EF, e)) * up_nF
+            h_NF = self.activation(affine(x_ND, self.w_gate_EDF, self.b_gate_EF)) * up_NF
         else:
-            h_nF = self.activation(up_nF)
-        return _affine(h_nF, self.w_down_EFD[e], self.b_down_ED, e)
+            h_NF = self.activation(up_NF)
+        return affine(h_NF, self.w_down_EFD, self.b_down_ED)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"ffn_hidden_size={self.ffn_hidden_size}, gated={self.gated}, bias={self.b_up_EF is not None}"
         )
-
-
-def _affine(x: torch.Tensor, w: torch.Tensor, b_stacked: torch.Tensor | None, e: int) -> torch.Tensor:
-    return x @ w if b_stacked is None else torch.addmm(b_stacked[e], x, w)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from moe_plugin.layers.moe import collect_aux_losses, moe_layers
+from moe_plugin.lightning.callbacks import ExpertLoad, RouterUpdates
 
 LOSS_KEYS = ("balance_loss", "z_loss")
 
@@ -186,9 +187,5 @@ class MoEAuxLoss(pl.Callback):
 def missing_moe_callbacks(trainer: pl.Trainer | None) -> list[pl.Callback]:
     """The package's MoE callbacks that the Trainer does not have yet: ExpertLoad (load metrics) and
     RouterUpdates (routing-warmup step, expert-bias updates, global-batch balance-loss window)."""
-    try:
-        from moe_plugin.lightning.callbacks import ExpertLoad, RouterUpdates
-    except ImportError:  # the callbacks package is older than this module: nothing to add
-        return []
     have = list(trainer.callbacks) if trainer is not None else []
     return [cls() for cls in (ExpertLoad, RouterUpdates) if not any(isinstance(c, cls) for c in have)]
