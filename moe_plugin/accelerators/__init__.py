@@ -5,7 +5,12 @@ Nothing outside this package (and kernels/) knows vendor names. See docs/acceler
 
 from moe_plugin.accelerators.detect import Detection, detect, detected, gather_inputs, reset_detection
 from moe_plugin.accelerators.profiles import PROFILES, VendorProfile, default_backend, get_profile
-from moe_plugin.accelerators.resolve import AcceleratorNotFoundError, ResolvedAccelerator, resolve_accelerator, select_vendor
+from moe_plugin.accelerators.resolve import (
+    AcceleratorNotFoundError,
+    ResolvedAccelerator,
+    resolve_accelerator,
+    select_vendor,
+)
 
 __all__ = [
     "PROFILES",

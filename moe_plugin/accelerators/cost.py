@@ -111,7 +111,14 @@ def rank_devices(
     out = []
     for spec in specs:
         if spec.name in measured:
-            est = estimate_cost(spec, flops_per_token, tokens, tokens_per_s_per_device=measured[spec.name], currency=currency, rates=rates)
+            est = estimate_cost(
+                spec,
+                flops_per_token,
+                tokens,
+                tokens_per_s_per_device=measured[spec.name],
+                currency=currency,
+                rates=rates,
+            )
         else:
             est = estimate_cost(spec, flops_per_token, tokens, mfu=mfu, currency=currency, rates=rates)
         out.append(est)

@@ -41,7 +41,9 @@ def select_vendor(accelerator: str, detection: Detection | None = None) -> Vendo
                 return pv.profile
         raise AcceleratorNotFoundError(_missing_message("gpu", det))
     if name not in PROFILES:
-        raise ValueError(f"accelerator={accelerator!r} is not a known vendor. Choose one of: auto, gpu, {', '.join(PROFILES)}.")
+        raise ValueError(
+            f"accelerator={accelerator!r} is not a known vendor. Choose one of: auto, gpu, {', '.join(PROFILES)}."
+        )
     if name == "cuda" and "rocm" in det.present:
         return PROFILES["rocm"]  # a HIP build of torch: "cuda" devices are AMD GPUs
     if name not in det.present:
@@ -54,7 +56,9 @@ def _missing_message(name: str, det: Detection) -> str:
     lines = [f"accelerator={name} was requested, but it is not usable on this machine."]
     if name in PROFILES:
         p = PROFILES[name]
-        lines[0] = f"accelerator={name} ({p.vendor}, torch device type {p.device_type!r}) was requested, but it is not usable on this machine."
+        lines[0] = (
+            f"accelerator={name} ({p.vendor}, torch device type {p.device_type!r}) was requested, but it is not usable on this machine."
+        )
         if p.extension:
             status = inputs.extensions.get(p.extension, "missing")
             lines.append(f"  extension {p.extension}: {'not installed' if status == 'missing' else status}")

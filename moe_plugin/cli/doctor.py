@@ -94,7 +94,11 @@ def collect(det: Detection | None = None) -> dict[str, Any]:
                 "device_type": p.device_type,
                 "device_count": pv.count if name != "cpu" else 1,
                 "devices": [
-                    {"index": d.index, "name": d.name, "memory_gb": round(d.memory_bytes / 2**30, 1) if d.memory_bytes else None}
+                    {
+                        "index": d.index,
+                        "name": d.name,
+                        "memory_gb": round(d.memory_bytes / 2**30, 1) if d.memory_bytes else None,
+                    }
                     for d in pv.devices
                 ],
                 "backend": default_backend(p.device_type),
@@ -119,9 +123,7 @@ def collect(det: Detection | None = None) -> dict[str, Any]:
         "torch_accelerator": inputs.current_accelerator,
         "cpu": {"name": inputs.cpu_name, "threads": inputs.cpu_threads},
         "vendor_extensions": dict(inputs.extensions),
-        "distributed_backends": {
-            b: bool(getattr(dist, f"is_{b}_available", lambda: False)()) for b in DIST_BACKENDS
-        }
+        "distributed_backends": {b: bool(getattr(dist, f"is_{b}_available", lambda: False)()) for b in DIST_BACKENDS}
         if dist.is_available()
         else {},
         "kernel_paths": _kernel_paths(),
@@ -146,7 +148,9 @@ def _catalog_name(pv: PresentVendor) -> str | None:
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"accelerator=auto selects: {r['selected']}", ""]
     for v in r["vendors"]:
-        lines.append(f"[{v['name']}] {v['vendor']}  device type {v['device_type']!r}, Lightning accelerator {v['lightning_accelerator']!r}")
+        lines.append(
+            f"[{v['name']}] {v['vendor']}  device type {v['device_type']!r}, Lightning accelerator {v['lightning_accelerator']!r}"
+        )
         for d in v["devices"]:
             mem = f", {d['memory_gb']} GB" if d["memory_gb"] else ""
             lines.append(f"    device {d['index']}: {d['name']}{mem}")
@@ -155,10 +159,16 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"    grouped matmul: {v['grouped_mm']}")
         lines.append(f"    hardware catalog: {v['catalog_entry'] or 'no entry (add conf/hardware/<name>.yaml)'}")
     t = r["torch"]
-    lines += ["", f"torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); torch.accelerator: {r['torch_accelerator']}"]
+    lines += [
+        "",
+        f"torch {t['version']} (cuda {t['cuda']}, hip {t['hip']}); torch.accelerator: {r['torch_accelerator']}",
+    ]
     lines.append(f"cpu: {r['cpu']['name']}, {r['cpu']['threads']} threads")
     if r["distributed_backends"]:
-        lines.append("torch.distributed backends: " + ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in r["distributed_backends"].items()))
+        lines.append(
+            "torch.distributed backends: "
+            + ", ".join(f"{b}={'yes' if ok else 'no'}" for b, ok in r["distributed_backends"].items())
+        )
     lines.append("vendor extensions: " + ", ".join(f"{m}={s}" for m, s in r["vendor_extensions"].items()))
     if r["kernel_paths"] is not None:
         lines.append(f"expert compute paths (moe_plugin.kernels): {r['kernel_paths']}")
