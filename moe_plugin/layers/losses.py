@@ -13,9 +13,7 @@ def tokens_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tens
     return torch.bincount(topk_ids_TK.flatten(), minlength=num_experts)
 
 
-def load_balancing_loss(
-    scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int
-) -> torch.Tensor:
+def load_balancing_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch/GShard load-balancing loss (Fedus et al. 2021, eq. 4; Lepikhin et al. 2020).
 
         L_balance = E * sum_i f_i * P_i

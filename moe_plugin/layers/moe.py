@@ -32,9 +32,7 @@ from moe_plugin.layers.router import TopKRouter
 class TokenDispatcher(Protocol):
     """Moves expert-sorted token copies to the experts' owners and back (see moe_plugin.dispatch)."""
 
-    def dispatch(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def dispatch(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the copies for this rank's local experts and the count per local expert."""
         ...
 

@@ -41,6 +41,9 @@ class DecoderBlock(nn.Module):
 
 
 class MoEDecoderLM(nn.Module):
+    # config validation checks `model.moe.*` against MoE's constructor
+    NESTED_KWARGS = {"moe": MoE}
+
     def __init__(
         self,
         vocab_size: int = 256,

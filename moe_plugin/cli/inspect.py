@@ -1,0 +1,69 @@
+"""`moe-plugin inspect model=NAME [overrides] [--json]`: parameters and FLOPs per token of a model.
+
+The model is built on the meta device: no memory is allocated, so even Ling-Plus (290B) takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from hydra.utils import instantiate
+
+from moe_plugin.cli.compose import compose_config
+from moe_plugin.config.validate import check_target_kwargs
+from moe_plugin.models.inspect import attention_flops_per_token, count_parameters, flops_per_token
+
+HELP = "Total and activated parameters and FLOPs per token of a model config (built on the meta device)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=ling_lite data.seq_len=4096")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="context for attention FLOPs (default: model.max_seq_len)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def inspect_model(overrides: list[str], seq_len: int | None = None) -> dict:
+    cfg = compose_config(overrides, return_hydra_config=True)
+    name = cfg.hydra.runtime.choices.get("model")
+    check_target_kwargs(cfg.model, "model")
+    with torch.device("meta"):
+        model = instantiate(cfg.model, _convert_="partial")
+    seq_len = int(seq_len or cfg.model.get("max_seq_len") or cfg.data.get("seq_len"))
+    counts = count_parameters(model)
+    return {
+        "model": name,
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "flops_per_token": flops_per_token(model, seq_len),
+        "flops_per_token_no_attention": flops_per_token(model, seq_len, include_attention=False),
+        "attention_flops_per_token": attention_flops_per_token(model, seq_len),
+        "seq_len": seq_len,
+        "components": counts.components,
+        "active_components": counts.active_components,
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_model(args.overrides, args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model {info['model']}")
+    print(f"  total params      {_fmt(info['total_params'])}  ({info['total_params']:,})")
+    print(f"  activated params  {_fmt(info['active_params'])}  ({info['active_params']:,})")
+    print(f"  FLOPs per token   {_fmt(info['flops_per_token'])}  (train fwd+bwd at seq_len {info['seq_len']})")
+    print(f"  {'component':<16}{'total':>12}{'activated':>12}")
+    for comp, n in sorted(info["components"].items(), key=lambda kv: -kv[1]):
+        print(f"  {comp:<16}{_fmt(n):>12}{_fmt(info['active_components'][comp]):>12}")
+    return 0

@@ -1,0 +1,163 @@
+"""Validate a composed config before building anything.
+
+Errors name the config key, the bad value and the fix. Three kinds of checks:
+1. keys with a `_target_` are checked against the target's constructor signature (unknown keys, simple
+   types), recursively for nested kwargs classes declare in `NESTED_KWARGS`;
+2. groups without a target against the dataclasses in schema.py;
+3. cross-key rules (head counts, top-k, sequence length, layouts).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _signature_params(target: Any) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(target).parameters)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or value is None or isinstance(annotation, str):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if origin is dict or annotation is dict:
+        return isinstance(value, (dict, DictConfig))
+    return True
+
+
+def check_target_kwargs(node: Any, key: str) -> None:
+    """Recursively check every `_target_` node under `node` (at config path `key`)."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_target_kwargs(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    target_name = node.get("_target_")
+    if target_name is None:
+        for k in node:
+            check_target_kwargs(node[k], f"{key}.{k}" if key else str(k))
+        return
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(target_name)
+    except Exception as err:
+        raise ConfigError(
+            f"{key}._target_={target_name!r} cannot be imported ({type(err).__name__}: {err}). "
+            "Check the spelling of the class path or install the package that provides it."
+        ) from err
+    _check_kwargs(node, key, target)
+
+
+def _check_kwargs(node: DictConfig, key: str, target: Any) -> None:
+    params = _signature_params(target)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:
+        hints = {}
+    nested = getattr(target, "NESTED_KWARGS", {})
+    for k in node:
+        k = str(k)
+        if k.startswith("_"):
+            continue
+        if k not in params and not accepts_any:
+            valid = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
+            raise ConfigError(
+                f"{key}.{k} is not an option of {getattr(target, '__qualname__', target)}. Valid keys: {valid}. "
+                f"Remove it or fix its spelling."
+            )
+        if OmegaConf.is_missing(node, k):
+            raise ConfigError(f"{key}.{k} is required (it is '???'). Set it on the command line: {key}.{k}=VALUE.")
+        value = node[k]
+        if k in nested and isinstance(node[k], DictConfig):
+            _check_kwargs(node[k], f"{key}.{k}", nested[k])
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_target_kwargs(value, f"{key}.{k}")
+            continue
+        if k in hints and not _type_ok(value, hints[k]):
+            raise ConfigError(
+                f"{key}.{k}={value!r} has the wrong type: {target.__qualname__} expects {hints[k]}. "
+                f"Set {key}.{k} to a value of that type."
+            )
+
+
+def _check_schema(node: Any, key: str, schema: type) -> None:
+    if node is None:
+        return
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), node)
+    except Exception as err:
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}. Fix the value or remove the key.") from err
+
+
+def _model_rules(m: DictConfig) -> None:
+    hidden, heads = m.get("hidden_size"), m.get("num_heads")
+    kv = m.get("num_kv_heads") or heads
+    if hidden and heads and not m.get("head_dim") and hidden % heads:
+        raise ConfigError(
+            f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}. "
+            "Set model.head_dim explicitly or pick a divisible head count."
+        )
+    if heads and kv and heads % kv:
+        raise ConfigError(
+            f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}. "
+            "Pick num_kv_heads dividing num_heads (GQA groups)."
+        )
+    moe = m.get("moe") or {}
+    e, k = moe.get("num_experts"), moe.get("top_k")
+    if e is not None and k is not None and not 1 <= k <= e:
+        raise ConfigError(f"model.moe.top_k={k} must be between 1 and model.moe.num_experts={e}.")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first problem found. Cheap: builds nothing."""
+    from moe_plugin.config.schema import PathsConfig, TopConfig
+
+    top = {k: cfg[k] for k in cfg if k in TopConfig.__dataclass_fields__}
+    _check_schema(OmegaConf.create(top), "top level", TopConfig)
+    _check_schema(cfg.get("paths"), "paths", PathsConfig)
+    for key in ("model", "data", "callbacks", "logger"):
+        if cfg.get(key) is not None:
+            check_target_kwargs(cfg[key], key)
+    if cfg.get("optim") is not None:
+        from moe_plugin.lightning.module import MoELanguageModule
+
+        _check_kwargs(cfg.optim, "optim", MoELanguageModule)
+    if cfg.get("trainer") is not None:
+        from lightning.pytorch import Trainer
+
+        _check_kwargs(cfg.trainer, "trainer", Trainer)
+    if cfg.get("model") is not None:
+        _model_rules(cfg.model)
+    seq_len, max_seq = cfg.get("data", {}).get("seq_len"), cfg.get("model", {}).get("max_seq_len")
+    if seq_len and max_seq and seq_len > max_seq:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq}. Lower data.seq_len or raise model.max_seq_len."
+        )
+    for key in ("accelerator", "strategy"):
+        node = cfg.get(key)
+        if node is not None and not isinstance(node, DictConfig):
+            raise ConfigError(f"{key}={node!r} must be a config group choice like {key}=cpu, not a bare value.")

@@ -1,0 +1,86 @@
+"""LightningModule for MoE language models: LM loss + router auxiliary losses, AdamW, LR schedule.
+
+Model math lives in moe_plugin.layers/models; this file only wires it into Lightning.
+    loss = cross_entropy(logits, labels) + sum over MoE layers of (balance_coef * L_balance + z_coef * L_z)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_plugin.layers.moe import collect_aux_losses, moe_layers
+from moe_plugin.lightning.schedules import lr_multiplier
+
+
+class MoELanguageModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        schedule: str = "cosine",
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        halve_at: float = 0.6,
+        anneal_at: float = 1.0,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        lr_multiplier(schedule, warmup_steps, total_steps or 1, min_lr_ratio, halve_at, anneal_at)  # validate now
+
+    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids_BS)
+
+    def _step(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        input_ids_BS, labels_BS = batch[:, :-1], batch[:, 1:]
+        logits_BSV = self.model(input_ids_BS)
+        lm_loss = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), labels_BS.reshape(-1))
+        return lm_loss, logits_BSV, collect_aux_losses(self.model)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        lm_loss, _, aux = self._step(batch)
+        loss = lm_loss if aux is None else lm_loss + aux
+        bs = batch.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", lm_loss, batch_size=bs)
+        layers = moe_layers(self.model)
+        if aux is not None and layers:
+            self.log("train/aux_loss", aux.detach(), batch_size=bs)
+            for key in ("balance_loss", "z_loss"):
+                values = [m.last_losses[key] for m in layers if key in m.last_losses]
+                if values:
+                    self.log(f"train/{key}", torch.stack(values).mean(), batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        lm_loss, _, _ = self._step(batch)
+        self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+        return lm_loss
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Norm weights, biases and 1-D parameters are not decayed (standard for transformers).
+            (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
+        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
+        fn = lr_multiplier(hp.schedule, hp.warmup_steps, max(1, total), hp.min_lr_ratio, hp.halve_at, hp.anneal_at)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,99 @@
+"""run(cfg): validate the config, build data, model, module and trainer, train, summarise.
+
+`train.py` is `@hydra.main` around this function; another project can call it with its own composed config.
+Returns the final validation loss (the objective of `hparams_search` sweeps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moe_plugin.config.validate import ConfigError, validate_config
+from moe_plugin.lightning.callbacks.summary import RunSummary
+from moe_plugin.lightning.module import MoELanguageModule
+from moe_plugin.lightning.trainer import build_trainer, instantiate_list
+from moe_plugin.models.inspect import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageModule:
+    model_vocab = cfg.model.get("vocab_size")
+    if vocab_size is not None and model_vocab is not None and model_vocab < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary ({vocab_size}). "
+            f"Set model.vocab_size={vocab_size} or more."
+        )
+    model = instantiate(cfg.model, _convert_="partial")
+    optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
+    assert isinstance(optim, dict)
+    return MoELanguageModule(model, **optim)
+
+
+def run(cfg: DictConfig) -> float | None:
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data, _convert_="partial")
+    module = build_module(cfg, getattr(datamodule, "vocab_size", None))
+    summary_cb = RunSummary()
+    callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("validate_at_end", True):
+        metrics.update(
+            {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+        )
+
+    counts = count_parameters(module.model)
+    summary = {
+        "val_loss": metrics.get("val/loss"),
+        "train_loss": metrics.get("train/loss"),
+        "steps": trainer.global_step,
+        "tokens": summary_cb.tokens,
+        "train_seconds": round(summary_cb.train_seconds, 2),
+        "tokens_per_second": round(summary_cb.tokens_per_second, 1),
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "run_dir": str(output_dir.resolve()),
+        "best_checkpoint": _best_checkpoint(trainer),
+    }
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary: %s", json.dumps(summary))
+        print(_format_summary(summary))
+    return summary["val_loss"]
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    cb = trainer.checkpoint_callback
+    path = getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
+    return path or None
+
+
+def _format_summary(s: dict[str, Any]) -> str:
+    val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
+    return (
+        "\n== moe_plugin run summary ==\n"
+        f"  val loss        {val}  (uniform byte baseline ln 256 = 5.545)\n"
+        f"  steps / tokens  {s['steps']} / {s['tokens']:,}\n"
+        f"  tokens/s        {s['tokens_per_second']:,.0f}\n"
+        f"  params          {s['total_params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active\n"
+        f"  run folder      {s['run_dir']}\n"
+        f"  checkpoint      {s['best_checkpoint']}\n"
+    )
