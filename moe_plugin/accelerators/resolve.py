@@ -132,6 +132,6 @@ def resolve_accelerator(
             kwargs["strategy"] = ddp_strategy_name(profile)
     plugin = vendor_precision_plugin(precision_str, profile) if precision_str else None
     if plugin is not None:
-        kwargs.pop("precision", None)  # Lightning refuses both precision= and a precision plugin
+        kwargs["precision"] = None  # Lightning refuses both precision= and a precision plugin
         kwargs["plugins"] = [plugin]
     return ResolvedAccelerator(profile, kwargs)
