@@ -177,7 +177,18 @@ def _run_compare(args: argparse.Namespace) -> int:
     return cmp.exit_code
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     if args.align_command == "record":
         return _run_record(args)
     return _run_compare(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Bad input exits 2 with a one-paragraph message (no traceback)."""
+    import sys
+
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"moe-plugin align: {err}", file=sys.stderr)
+        return 2
