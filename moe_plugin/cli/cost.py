@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moe_plugin.accelerators.catalog import DeviceSpec, get_device, load_catalog
+from moe_plugin.accelerators.catalog import DeviceSpec, load_catalog, spec_from_mapping
 from moe_plugin.accelerators.cost import CostEstimate, estimate_cost, rank_devices
 
 HELP = "Device-hours and cost of a token budget on a catalog device; --compare ranks the catalog."
@@ -150,8 +151,17 @@ def _run(args: argparse.Namespace) -> int:
         mfu = DEFAULT_MFU
         notes.append(f"mfu={DEFAULT_MFU} assumed (the Ling report's implied MFU on device D); pass mfu=<yours>")
 
+    catalog = load_catalog()
+    if (
+        measured is not None
+        and measured["hardware"] in catalog
+        and catalog[measured["hardware"]].peak_tflops_bf16 is None
+    ):
+        # A measured peak (host CPU): use the run's own figure, not a new measurement under other load.
+        catalog[measured["hardware"]] = replace(
+            catalog[measured["hardware"]], peak_tflops_bf16=float(measured["peak_tflops"])
+        )
     if args.compare is not None:
-        catalog = load_catalog()
         if args.compare == "all":
             specs = _priced(list(catalog.values()))
         else:
@@ -161,14 +171,16 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--compare: {unknown} not in the catalog; choose from {', '.join(sorted(catalog))}.")
             specs = [catalog[n] for n in names]
         if hw_fields and hw_name:
-            specs = [get_device(s.name, hw_fields) if s.name == hw_name else s for s in specs]
+            specs = [spec_from_mapping({**s.__dict__, **hw_fields}) if s.name == hw_name else s for s in specs]
         cur = currency or (specs[0].currency if len({s.currency for s in specs}) == 1 else "USD")
         ranked = rank_devices(specs, flops, tokens, mfu, cur, measured=measured_tps, rates=rates)
         return _print_ranking(args.json, info, ranked, attention, notes, int(own.get("devices", 0)))
 
     if hw_name is None:
         raise ValueError("give hardware=<name> (see `moe-plugin cost --list`) or --compare to rank the catalog.")
-    spec = get_device(hw_name, hw_fields)
+    if hw_name not in catalog:
+        raise ValueError(f"hardware={hw_name!r} is not in the catalog. Choose one of: {', '.join(sorted(catalog))}.")
+    spec = spec_from_mapping({**catalog[hw_name].__dict__, **hw_fields}) if hw_fields else catalog[hw_name]
     if spec.price_per_hour <= 0 and spec.peak_tflops_bf16 is not None:
         notes.append(f"{spec.name} has no price: set hardware.price_per_hour=<price>")
     if spec.name in measured_tps:
