@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from moe_plugin.config.validate import ConfigError
 
 
-def resolve_accelerator(cfg: DictConfig, trainer_kwargs: dict[str, Any], strategy: Any) -> dict[str, Any]:
+def resolve_accelerator(
+    cfg: DictConfig, trainer_kwargs: dict[str, Any] | None = None, strategy: Any = None
+) -> dict[str, Any]:
     """Trainer arguments for `cfg.accelerator` (vendor, devices, strategy, precision plugin).
 
     Vendor-aware (moe_plugin.accelerators.resolve): `auto` picks the detected vendor, a missing vendor
@@ -26,6 +28,10 @@ def resolve_accelerator(cfg: DictConfig, trainer_kwargs: dict[str, Any], strateg
     from moe_plugin.accelerators import resolve_accelerator as resolve_vendor
 
     name = cfg.accelerator.get("name", "auto") if cfg.get("accelerator") else "auto"
+    if trainer_kwargs is None:
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
+    if strategy is None:
+        strategy = resolve_strategy(cfg)
     try:
         resolved = resolve_vendor(
             name,
