@@ -135,7 +135,8 @@ def _fp(d: dict[str, Any]) -> Fingerprint:
 
 
 def check_comparable(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    if a["batches_hash"] != b["batches_hash"]:
+    n = min(len(a["batch_hashes"]), len(b["batch_hashes"]))
+    if a["batch_hashes"][:n] != b["batch_hashes"][:n]:
         return (
             f"the records used different batches ({a['batches_hash']} vs {b['batches_hash']}). Re-record B with "
             "`--batches <file saved by A's --save-batches>` or the same --seed/--batch-size/--seq-len."

@@ -66,15 +66,20 @@ class RecordConfig:
 
 
 def markov_batches(steps: int, batch_size: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
-    """[steps, B, S+1] token ids from a sparse random Markov chain: learnable, so the loss falls."""
+    """[steps, B, S+1] token ids from a sparse random Markov chain: learnable, so the loss falls.
+
+    Batch s depends only on (seed, s), so a shorter record's batches are a prefix of a longer one's.
+    """
     g = torch.Generator().manual_seed(seed)
     # Each token has 4 likely successors: the loss can fall from ln(V) towards ln(4).
     successors = torch.randint(0, vocab, (vocab, 4), generator=g)
     out = torch.empty(steps, batch_size, seq_len + 1, dtype=torch.int64)
-    out[:, :, 0] = torch.randint(0, vocab, (steps, batch_size), generator=g)
-    choice = torch.randint(0, 4, (steps, batch_size, seq_len), generator=g)
-    for s in range(seq_len):
-        out[:, :, s + 1] = successors[out[:, :, s], choice[:, :, s]]
+    for step in range(steps):
+        gs = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+        out[step, :, 0] = torch.randint(0, vocab, (batch_size,), generator=gs)
+        choice = torch.randint(0, 4, (batch_size, seq_len), generator=gs)
+        for s in range(seq_len):
+            out[step, :, s + 1] = successors[out[step, :, s], choice[:, s]]
     return out
 
 
@@ -215,6 +220,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
             "compute_dtype": compute_dtype(cfg.precision),
         },
         "batches_hash": tensor_hash(batches),
+        "batch_hashes": [tensor_hash(b) for b in batches],
         "init_hash": init_hash,
         "kinds": dict(probes.kinds),
         "final_params": fingerprint(
