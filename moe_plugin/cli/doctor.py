@@ -39,8 +39,8 @@ def _bf16_check(profile: VendorProfile) -> str:
     """'yes' only when a bf16 matmul actually ran on the device (CPU and present devices)."""
     if not profile.bf16:
         return "no (vendor stack)"
-    device = torch.device(profile.device_type, 0) if profile.device_type != "cpu" else torch.device("cpu")
     try:
+        device = torch.device(profile.device_type, 0) if profile.device_type != "cpu" else torch.device("cpu")
         a = torch.ones(8, 8, dtype=torch.bfloat16, device=device)
         ok = bool(((a @ a).float() == 8).all())
         return "yes (bf16 matmul ran)" if ok else "wrong results"
