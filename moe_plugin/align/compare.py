@@ -19,6 +19,7 @@ Exit codes: 0 aligned, 1 diverged, 2 not comparable (different batches, initial 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,9 +144,16 @@ def check_comparable(a: dict[str, Any], b: dict[str, Any]) -> str | None:
         )
     if a["init_hash"] != b["init_hash"]:
         return f"the records started from different weights ({a['init_hash']} vs {b['init_hash']}): use the same --seed and model overrides."
-    if a["config"]["model"] != b["config"]["model"]:
+    if _model_without_path(a) != _model_without_path(b):
         return "the records used different model configurations: record both with the same model overrides."
     return None
+
+
+def _model_without_path(rec: dict[str, Any]) -> dict[str, Any]:
+    """The model configuration minus the expert compute path (which alignment is allowed to vary)."""
+    model = json.loads(json.dumps(rec["config"]["model"]))
+    model.get("moe", {}).pop("grouped_mm_backend", None)
+    return model
 
 
 def compare_records(a: dict[str, Any], b: dict[str, Any], tolerances: Tolerances | None = None) -> Comparison:

@@ -59,7 +59,7 @@ class RecordConfig:
     precision: str = "32-true"
     threads: int | None = None
     accelerator: str = "cpu"
-    expert_path: str | None = None  # an expert compute path of moe_plugin.kernels, when available
+    expert_path: str | None = None  # model.moe.grouped_mm_backend: "auto" (fused where it works) | "torch" | "loop"
     model: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_MODEL)))
     batches_file: str | None = None  # replay batches saved by another record (--batches)
     label: str = ""
@@ -110,20 +110,30 @@ def compute_dtype(precision: str) -> str:
     ]
 
 
-def _select_expert_path(path: str | None) -> str:
-    """Switch the expert compute path through moe_plugin.kernels (when that package offers it)."""
-    import moe_plugin.kernels as kernels
+def _apply_expert_path(model_cfg: dict[str, Any], path: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """Select the expert compute path (`model.moe.grouped_mm_backend`) and name what actually runs.
 
-    setter = getattr(kernels, "set_expert_path", None)
-    current = getattr(kernels, "get_expert_path", None)
-    if path is None:
-        return str(current()) if callable(current) else "loop"
-    if not callable(setter):
-        raise ValueError(
-            f"--expert-path={path!r}: this build of moe_plugin.kernels has no selectable expert compute path."
-        )
-    setter(path)
-    return path
+    The kernels package (moe_plugin.kernels) picks the implementation: "auto" takes the fused
+    grouped GEMM where it works on this device and dtype, "loop" is the reference fallback.
+    """
+    import inspect as pyinspect
+
+    import moe_plugin.kernels as kernels
+    from moe_plugin.layers.moe import MoE
+
+    selectable = "grouped_mm_backend" in pyinspect.signature(MoE.__init__).parameters
+    if path is not None:
+        if not selectable:
+            raise ValueError(f"--expert-path={path!r}: this build of moe_plugin has no selectable expert compute path.")
+        model_cfg.setdefault("moe", {})["grouped_mm_backend"] = path
+    if not selectable:
+        return "loop"
+    chosen = model_cfg.get("moe", {}).get("grouped_mm_backend", "auto")
+    select = getattr(kernels, "select_grouped_mm", None)
+    name_of = getattr(kernels, "grouped_mm_backend_name", None)
+    if callable(select) and callable(name_of):
+        return f"{chosen}->{name_of(select(chosen, device, dtype))}"
+    return str(chosen)
 
 
 def _resolve_device(accelerator: str) -> torch.device:
@@ -142,7 +152,8 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.accelerator)
-    expert_path = _select_expert_path(cfg.expert_path)
+    compute = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+    expert_path = _apply_expert_path(cfg.model, cfg.expert_path, device, compute.get(cfg.precision, torch.float32))
 
     vocab = int(cfg.model.get("vocab_size", DEFAULT_MODEL["vocab_size"]))
     if cfg.batches_file:

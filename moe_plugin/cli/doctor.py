@@ -70,14 +70,23 @@ def _grouped_mm_status(profile: VendorProfile) -> str:
     return f"{path} (available)" if hasattr(module, attr) else f"{path} (missing in this build: loop fallback)"
 
 
-def _kernel_paths() -> dict[str, Any] | None:
-    """Expert compute paths registered in moe_plugin.kernels, when that package provides them."""
+def _kernel_paths(device_type: str) -> dict[str, str] | None:
+    """What moe_plugin.kernels' automatic grouped-matmul choice resolves to here, per dtype."""
     try:
         kernels = importlib.import_module("moe_plugin.kernels")
     except ImportError:
         return None
-    lister = getattr(kernels, "available_paths", None)
-    return lister() if callable(lister) else None
+    select = getattr(kernels, "select_grouped_mm", None)
+    name_of = getattr(kernels, "grouped_mm_backend_name", None)
+    if not (callable(select) and callable(name_of)):
+        return None
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            out[str(dtype).replace("torch.", "")] = str(name_of(select("auto", device_type, dtype)))
+        except Exception as err:  # a device that cannot even be probed
+            out[str(dtype).replace("torch.", "")] = f"unavailable ({type(err).__name__})"
+    return out
 
 
 def collect(det: Detection | None = None) -> dict[str, Any]:
@@ -126,7 +135,7 @@ def collect(det: Detection | None = None) -> dict[str, Any]:
         "distributed_backends": {b: bool(getattr(dist, f"is_{b}_available", lambda: False)()) for b in DIST_BACKENDS}
         if dist.is_available()
         else {},
-        "kernel_paths": _kernel_paths(),
+        "kernel_paths": _kernel_paths(det.primary.profile.device_type),
         "libraries": {lib: _version(lib) for lib in LIBRARIES},
     }
     return report
@@ -171,7 +180,8 @@ def format_report(r: dict[str, Any]) -> str:
         )
     lines.append("vendor extensions: " + ", ".join(f"{m}={s}" for m, s in r["vendor_extensions"].items()))
     if r["kernel_paths"] is not None:
-        lines.append(f"expert compute paths (moe_plugin.kernels): {r['kernel_paths']}")
+        paths = ", ".join(f"{k}={v}" for k, v in r["kernel_paths"].items())
+        lines.append(f"expert grouped matmul chosen by moe_plugin.kernels (auto) on {r['selected']}: {paths}")
     lines.append("libraries: " + ", ".join(f"{k}={v or 'not installed'}" for k, v in r["libraries"].items()))
     if r["not_detected"]:
         lines += ["", "Not detected (to use one, install):"]
