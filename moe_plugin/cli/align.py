@@ -1,5 +1,6 @@
 """`moe-plugin align record|compare`: cross-platform numerical alignment (docs/alignment.md).
 
+    moe-plugin align record --ops --out ops.json [--precision ...]        # operators first
     moe-plugin align record --out ref.json [--precision 32-true] [--threads 1] [--accelerator auto]
                             [--expert-path NAME] [--steps 8] [--seed 1234] [model.hidden_size=128 ...]
     moe-plugin align compare ref.json cand.json [--png curves.png] [--tolerance-dtype fp32] [--json]
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--save-batches", default=None, help="also save the batches (torch.save) for replay elsewhere")
     rec.add_argument("--label", default="", help="name of this run in tables and plots")
     rec.add_argument(
+        "--ops", action="store_true", help="fingerprint single operators instead of training steps (step 1)"
+    )
+    rec.add_argument(
         "overrides", nargs="*", help="model overrides, e.g. model.hidden_size=128 model.moe.num_experts=16"
     )
 
@@ -72,6 +76,14 @@ def _model_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def _run_record(args: argparse.Namespace) -> int:
     from moe_plugin.align.record import RecordConfig, markov_batches, record, save_record
+
+    if args.ops:
+        from moe_plugin.align.ops import record_ops
+
+        rec = record_ops(args.precision, args.accelerator, args.threads, args.expert_path, args.seed, args.label)
+        save_record(rec, args.out)
+        print(f"recorded {len(rec['steps'][0]['forward'])} operators of {rec['label']} to {args.out}")
+        return 0
 
     cfg = RecordConfig(
         steps=args.steps,

@@ -155,3 +155,17 @@ def test_record_rejects_bad_arguments() -> None:
         record(RecordConfig(precision="fp8"))
     with pytest.raises(ValueError, match="--steps=0"):
         record(RecordConfig(steps=0))
+
+
+def test_operator_records_localise_autocast_to_the_matmuls() -> None:
+    from moe_plugin.align.ops import record_ops
+
+    fp32 = record_ops("32-true", threads=1)
+    assert compare_records(fp32, record_ops("32-true", threads=1)).exit_code == EXIT_ALIGNED
+    bf16 = record_ops("bf16-mixed", threads=1)
+    cmp = compare_records(fp32, bf16, DEFAULT_TOLERANCES["fp32"])
+    assert (cmp.first.point, cmp.first.phase) == ("matmul", "forward")
+    exact = {e.point for e in cmp.errors if e.phase == "forward" and e.error.max_abs == 0}
+    # autocast leaves index ops, norms and the loss in fp32; every matmul-based operator differs
+    assert {"permute_unpermute", "rmsnorm", "cross_entropy"} <= exact
+    assert not {"matmul", "linear", "grouped_gemm", "attention_rope", "swiglu"} & exact
