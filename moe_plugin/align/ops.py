@@ -44,6 +44,14 @@ def _experts(expert_path: str | None) -> GroupedExperts:
     return GroupedExperts(E, D, F_)
 
 
+def _permute(x_TD: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """permute() returns a tuple or a `Permuted` record depending on the layers' version."""
+    res = permute(x_TD, ids_TK, E)
+    if isinstance(res, tuple):
+        return res[0], res[1], res[2]
+    return res.x_ND, res.tokens_per_expert_E, res.state
+
+
 def _operators(
     expert_path: str | None,
 ) -> dict[str, tuple[Callable[..., Any], list[tuple[int, ...]], torch.nn.Module | None]]:
@@ -57,7 +65,7 @@ def _operators(
 
     def grouped(x_TD: torch.Tensor) -> torch.Tensor:
         ids_TK = torch.arange(T * K, device=x_TD.device).reshape(T, K) % E  # every expert gets copies
-        x_ND, counts_E, _ = permute(x_TD, ids_TK, E)
+        x_ND, counts_E, _ = _permute(x_TD, ids_TK)
         return experts(x_ND, counts_E)
 
     def routed(x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +74,7 @@ def _operators(
 
     def permute_roundtrip(x_TD: torch.Tensor, probs_TK: torch.Tensor) -> torch.Tensor:
         ids_TK = (torch.arange(T * K, device=x_TD.device).reshape(T, K) * 3) % E
-        x_ND, _, state = permute(x_TD, ids_TK, E)
+        x_ND, _, state = _permute(x_TD, ids_TK)
         return unpermute(x_ND * 2.0, probs_TK.softmax(-1), state)
 
     def attn(x_BSD: torch.Tensor) -> torch.Tensor:
