@@ -97,6 +97,17 @@ def _operators(
     }
 
 
+def _resolved_path(expert_path: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    import moe_plugin.kernels as kernels
+
+    chosen = expert_path or "auto"
+    select = getattr(kernels, "select_grouped_mm", None)
+    name_of = getattr(kernels, "grouped_mm_backend_name", None)
+    if callable(select) and callable(name_of):
+        return f"{chosen}->{name_of(select(chosen, device, dtype))}"
+    return "loop"
+
+
 def record_ops(
     precision: str = "32-true",
     accelerator: str = "cpu",
@@ -145,16 +156,19 @@ def record_ops(
             for pname, p in module.named_parameters():
                 if p.grad is not None:
                     grads[f"{name}.{pname}"] = fingerprint(p.grad)
+    resolved = _resolved_path(
+        expert_path, device, cast or (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
+    )
     kinds = {n: "op" for n in forward} | {n: "op_grad" for n in backward} | {n: "routing" for n in routing}
     return {
         "format": FORMAT_VERSION,
-        "label": label or f"ops {device.type}/{precision}/threads={torch.get_num_threads()}/{expert_path or 'auto'}",
+        "label": label or f"ops {device.type}/{precision}/threads={torch.get_num_threads()}/{resolved}",
         "config": {"model": {"ops": list(ops)}, "ops": True, "precision": precision, "seed": seed},
         "env": {
             "device": str(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "expert_path": expert_path or "auto",
+            "expert_path": resolved,
             "compute_dtype": compute_dtype(precision),
         },
         "batches_hash": input_hashes[0],
