@@ -25,6 +25,7 @@ from typing import Any
 
 from moe_plugin.accelerators.catalog import DeviceSpec, load_catalog, spec_from_mapping
 from moe_plugin.accelerators.cost import CostEstimate, estimate_cost, rank_devices
+from moe_plugin.cli.inspect import _fmt
 
 HELP = "Device-hours and cost of a token budget on a catalog device; --compare ranks the catalog."
 
@@ -196,13 +197,6 @@ def _convention(info: dict[str, Any], attention: bool) -> str:
     if attention:
         return f"6 x activated non-embedding params + attention at seq_len {info['seq_len']}"
     return "6 x activated non-embedding params (no attention term; the Ling report's convention)"
-
-
-def _fmt(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.3g}"
 
 
 def _print_single(
