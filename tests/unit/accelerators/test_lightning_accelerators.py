@@ -114,3 +114,43 @@ def test_cpu_trainer_from_resolved_arguments_runs_with_bf16_autocast(tmp_path) -
     assert module.dtypes == [torch.bfloat16, torch.bfloat16]  # autocast ran on the CPU device type
     with contextlib.suppress(Exception):
         trainer.accelerator.teardown()
+
+
+class _Report(pl.Callback):
+    """Each rank writes what it ran with (spawned processes do not send trainer state back)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        backend = torch.distributed.get_backend()
+        wrapped = isinstance(trainer.strategy.model, DistributedDataParallel)
+        weight = float(pl_module.lin.weight.sum())
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.txt", "w") as f:
+            f.write(f"{trainer.global_step} {backend} {wrapped} {weight:.8f}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_vendor_ddp_trains_for_real_on_two_cpu_processes(tmp_path) -> None:
+    """The CPU path of VendorDDPStrategy: two spawned processes on gloo, gradients all-reduced."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=la.VendorDDPStrategy(start_method="spawn"),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[_Report(str(tmp_path))],
+    )
+    trainer.fit(_Tiny())
+    reports = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    for steps, backend, wrapped, _ in reports:
+        assert (steps, backend, wrapped) == ("2", "gloo", "True")
+    assert reports[0][3] == reports[1][3]  # ranks saw different batches, same all-reduced update
