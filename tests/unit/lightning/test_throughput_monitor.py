@@ -89,3 +89,38 @@ def test_live_metrics_in_a_real_cpu_fit(tmp_path: Path) -> None:
     assert summary["tokens_per_s"] > 0 and summary["projected_days"] > 0
     hparams = (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()
     assert "hardware/name: cpu" in hparams
+
+
+@pytest.mark.slow
+def test_mfu_and_cost_reach_the_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.manual_seed(0)
+    module = MoELanguageModule(MoEDecoderLM(**TINY), warmup_steps=1)
+    loader = torch.utils.data.DataLoader(torch.randint(0, 64, (16, 17)), batch_size=4)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="moe_plugin_test")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        callbacks=[ThroughputMonitor(hardware="device_d", window=2, warmup_steps=1)],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    logger.experiment.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()  # the offline run's protobuf log, as `wandb sync` would upload it
+    for key in (
+        b"perf/mfu",
+        b"perf/cost_per_1M_tokens",
+        b"perf/projected_cost",
+        b"perf/tokens_per_s",
+        b"hardware/name",
+    ):
+        assert key in data, key
