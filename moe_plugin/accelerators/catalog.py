@@ -85,6 +85,12 @@ def spec_from_mapping(data: dict[str, Any]) -> DeviceSpec:
     return DeviceSpec(**values)
 
 
+def check_hardware_config(data: dict[str, Any]) -> None:
+    """Validate a composed `hardware` group (a catalog entry with overrides, or `auto` plus overrides):
+    keys and value ranges, before any data or model is built."""
+    spec_from_mapping(data)
+
+
 def load_catalog(directory: Path = HARDWARE_DIR) -> dict[str, DeviceSpec]:
     """Every device entry of the hardware group, by name."""
     from omegaconf import OmegaConf

@@ -179,3 +179,10 @@ def validate_config(cfg: DictConfig) -> None:
             select_vendor(cfg.accelerator.get("name", "auto"))
         except (RuntimeError, ValueError) as err:
             raise ConfigError(str(err)) from None
+    if isinstance(cfg.get("hardware"), DictConfig):
+        from moe_plugin.accelerators.catalog import check_hardware_config
+
+        try:
+            check_hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

@@ -100,3 +100,14 @@ def test_bad_cost_inputs_name_the_argument() -> None:
         estimate_cost(spec, 1e9, 1e12)
     with pytest.raises(ValueError, match="tokens=0"):
         estimate_cost(spec, 1e9, 0, mfu=0.2)
+
+
+def test_hardware_group_is_validated_before_anything_is_built() -> None:
+    from moe_plugin.cli.compose import compose_config
+    from moe_plugin.config.validate import ConfigError, validate_config
+
+    validate_config(compose_config(["hardware=h100", "hardware.price_per_hour=2.2"]))
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) \\['prise'\\]"):
+        validate_config(compose_config(["hardware=h100", "+hardware.prise=2.2"]))
+    with pytest.raises(ConfigError, match="hardware.price_per_hour=-1"):
+        validate_config(compose_config(["hardware=auto", "+hardware.price_per_hour=-1"]))
