@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moe_plugin.align.fingerprint import fingerprint
 from moe_plugin.align.probes import routing_fingerprint
-from moe_plugin.align.record import FORMAT_VERSION, compute_dtype, tensor_hash
+from moe_plugin.align.record import FORMAT_VERSION, ExpertPathObserver, compute_dtype, tensor_hash
 from moe_plugin.layers.attention import Attention
 from moe_plugin.layers.experts import GroupedExperts
 from moe_plugin.layers.feed_forward import FeedForward
@@ -97,17 +97,6 @@ def _operators(
     }
 
 
-def _resolved_path(expert_path: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    import moe_plugin.kernels as kernels
-
-    chosen = expert_path or "auto"
-    select = getattr(kernels, "select_grouped_mm", None)
-    name_of = getattr(kernels, "grouped_mm_backend_name", None)
-    if callable(select) and callable(name_of):
-        return f"{chosen}->{name_of(select(chosen, device, dtype))}"
-    return "loop"
-
-
 def record_ops(
     precision: str = "32-true",
     accelerator: str = "cpu",
@@ -132,6 +121,7 @@ def record_ops(
     )
     torch.manual_seed(seed)
     ops = _operators(expert_path)
+    observer = ExpertPathObserver(ops["grouped_gemm"][2])  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
     forward, backward, grads, routing, input_hashes = {}, {}, {}, {}, []
     for name, (fn, shapes, module) in ops.items():
@@ -156,9 +146,7 @@ def record_ops(
             for pname, p in module.named_parameters():
                 if p.grad is not None:
                     grads[f"{name}.{pname}"] = fingerprint(p.grad)
-    resolved = _resolved_path(
-        expert_path, device, cast or (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
-    )
+    resolved = f"{expert_path or 'auto'}->{observer.remove()}"
     kinds = {n: "op" for n in forward} | {n: "op_grad" for n in backward} | {n: "routing" for n in routing}
     return {
         "format": FORMAT_VERSION,

@@ -110,15 +110,16 @@ def compute_dtype(precision: str) -> str:
     ]
 
 
-def _apply_expert_path(model_cfg: dict[str, Any], path: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Select the expert compute path (`model.moe.grouped_mm_backend`) and name what actually runs.
+def _apply_expert_path(model_cfg: dict[str, Any], path: str | None) -> str:
+    """Select the expert compute path (`model.moe.grouped_mm_backend`); returns the requested name.
 
     The kernels package (moe_plugin.kernels) picks the implementation: "auto" takes the fused
-    grouped GEMM where it works on this device and dtype, "loop" is the reference fallback.
+    grouped GEMM where it works on this device and dtype, "loop" is the reference fallback. What
+    actually ran is observed during the first forward (`ExpertPathObserver`), inside the precision
+    context, because the choice may depend on it.
     """
     import inspect as pyinspect
 
-    import moe_plugin.kernels as kernels
     from moe_plugin.layers.moe import MoE
 
     selectable = "grouped_mm_backend" in pyinspect.signature(MoE.__init__).parameters
@@ -128,12 +129,30 @@ def _apply_expert_path(model_cfg: dict[str, Any], path: str | None, device: torc
         model_cfg.setdefault("moe", {})["grouped_mm_backend"] = path
     if not selectable:
         return "loop"
-    chosen = model_cfg.get("moe", {}).get("grouped_mm_backend", "auto")
-    select = getattr(kernels, "select_grouped_mm", None)
-    name_of = getattr(kernels, "grouped_mm_backend_name", None)
-    if callable(select) and callable(name_of):
-        return f"{chosen}->{name_of(select(chosen, device, dtype))}"
-    return str(chosen)
+    return str(model_cfg.get("moe", {}).get("grouped_mm_backend", "auto"))
+
+
+class ExpertPathObserver:
+    """Names the grouped-matmul implementation each experts module actually uses (first forward)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        import moe_plugin.kernels as kernels
+
+        self.names: set[str] = set()
+        self._name_of = getattr(kernels, "grouped_mm_backend_name", None)
+        self._handles = [
+            m.register_forward_pre_hook(self._hook)
+            for m in model.modules()
+            if callable(getattr(m, "grouped_mm", None)) and callable(self._name_of)
+        ]
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self.names.add(str(self._name_of(module.grouped_mm(args[0]))))  # type: ignore[misc, operator]
+
+    def remove(self) -> str:
+        for h in self._handles:
+            h.remove()
+        return "+".join(sorted(self.names)) or "loop"
 
 
 def _resolve_device(accelerator: str) -> torch.device:
@@ -152,8 +171,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.accelerator)
-    compute = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
-    expert_path = _apply_expert_path(cfg.model, cfg.expert_path, device, compute.get(cfg.precision, torch.float32))
+    requested_path = _apply_expert_path(cfg.model, cfg.expert_path)
 
     vocab = int(cfg.model.get("vocab_size", DEFAULT_MODEL["vocab_size"]))
     if cfg.batches_file:
@@ -180,6 +198,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "16-mixed" else None
 
     probes = ModuleProbes(model)
+    observer = ExpertPathObserver(model)
     steps = []
     try:
         for step in range(cfg.steps):
@@ -216,6 +235,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
             )
     finally:
         probes.remove()
+        expert_path = f"{requested_path}->{observer.remove()}"
 
     return {
         "format": FORMAT_VERSION,

@@ -168,4 +168,6 @@ def test_operator_records_localise_autocast_to_the_matmuls() -> None:
     exact = {e.point for e in cmp.errors if e.phase == "forward" and e.error.max_abs == 0}
     # autocast leaves index ops, norms and the loss in fp32; every matmul-based operator differs
     assert {"permute_unpermute", "rmsnorm", "cross_entropy"} <= exact
-    assert not {"matmul", "linear", "grouped_gemm", "attention_rope", "swiglu"} & exact
+    assert not {"matmul", "linear", "attention_rope", "swiglu"} & exact
+    # the grouped GEMM follows autocast only on the per-expert loop (torch._grouped_mm is not an autocast op)
+    assert ("grouped_gemm" in exact) == (not bf16["env"]["expert_path"].endswith("->loop"))
