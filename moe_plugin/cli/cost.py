@@ -116,6 +116,10 @@ def _run(args: argparse.Namespace) -> int:
         args.overrides = [args.compare, *args.overrides]
         args.compare = "all"
     own, model_overrides, hw_name, hw_fields, rates = parse_overrides(args.overrides)
+    if hw_name == "auto":
+        from moe_plugin.accelerators.catalog import auto_device
+
+        hw_name = auto_device().name
     attention = _bool("attention", own.get("attention", "true"))
     tokens = float(own.get("tokens", "1e12"))
     seq_len = int(own["seq_len"]) if "seq_len" in own else None
@@ -179,10 +183,6 @@ def _run(args: argparse.Namespace) -> int:
 
     if hw_name is None:
         raise ValueError("give hardware=<name> (see `moe-plugin cost --list`) or --compare to rank the catalog.")
-    if hw_name == "auto":
-        from moe_plugin.accelerators.catalog import auto_device
-
-        hw_name = auto_device().name
     if hw_name not in catalog:
         raise ValueError(f"hardware={hw_name!r} is not in the catalog. Choose one of: {', '.join(sorted(catalog))}.")
     spec = spec_from_mapping({**catalog[hw_name].__dict__, **hw_fields}) if hw_fields else catalog[hw_name]
