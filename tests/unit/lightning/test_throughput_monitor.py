@@ -95,8 +95,12 @@ def test_live_metrics_in_a_real_cpu_fit(tmp_path: Path) -> None:
 def test_mfu_and_cost_reach_the_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    if wandb.run is not None:  # a run left open by an earlier test would receive our metrics
+        wandb.finish()
     torch.manual_seed(0)
     module = MoELanguageModule(MoEDecoderLM(**TINY), warmup_steps=1)
     loader = torch.utils.data.DataLoader(torch.randint(0, 64, (16, 17)), batch_size=4)
