@@ -39,13 +39,21 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     return out
 
 
+def resolve_plugins(cfg: DictConfig) -> list[Any]:
+    """Trainer plugins from their config groups: `checkpoint_io` (how checkpoint files are written and read)."""
+    node = cfg.get("checkpoint_io")
+    return [instantiate(node)] if node is not None and "_target_" in node else []
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
+    plugins = [*resolve_plugins(cfg), *(kwargs.pop("plugins", None) or [])]
     return pl.Trainer(
         accelerator=resolve_accelerator(cfg),
         strategy=resolve_strategy(cfg),
         callbacks=callbacks,
         logger=loggers if loggers else False,
+        plugins=plugins or None,
         **kwargs,
     )
