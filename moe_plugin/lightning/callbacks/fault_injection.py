@@ -7,7 +7,8 @@ Each fault is a mapping with `kind`, `step` (the value of trainer.global_step wh
 updates count as steps) and optionally `until` (exclusive end, default step + 1), `rank` (global rank, default
 every rank), `scale` and `seconds`. Kinds:
 
-    spike     the model's output is multiplied by `scale` (default 30) for that step: the loss jumps
+    spike     Gaussian noise of std `scale` (default 30) is added to the model's output (logits) for that step:
+              the loss jumps far above its recent values (seeded by the step, so a replay spikes identically)
     nan_loss  the model's output is multiplied by NaN: non-finite loss and gradients
     nan_grad  after backward, one gradient element of the first parameter becomes NaN (on `rank` only)
     kill      SIGKILL of the process at the start of the step (like a lost node; nothing is flushed)
@@ -104,8 +105,9 @@ class FaultInjector(pl.Callback):
                 seconds = float(f["seconds"])
                 self._hooks.append(target.register_forward_pre_hook(lambda m, a, s=seconds: time.sleep(s)))
             else:
-                factor = float("nan") if f["kind"] == "nan_loss" else float(f["scale"])
-                self._hooks.append(target.register_forward_hook(lambda m, a, out, k=factor: _scale(out, k)))
+                nan = f["kind"] == "nan_loss"
+                scale, step = float(f["scale"]), trainer.global_step
+                self._hooks.append(target.register_forward_hook(lambda m, a, out: _corrupt(out, nan, scale, step)))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for hook in self._hooks:
@@ -124,9 +126,12 @@ class FaultInjector(pl.Callback):
         self._hooks = []
 
 
-def _scale(out: Any, factor: float) -> Any:
+def _corrupt(out: Any, nan: bool, scale: float, step: int) -> Any:
     if isinstance(out, torch.Tensor) and out.is_floating_point():
-        return out * factor
+        if nan:
+            return out * float("nan")
+        g = torch.Generator().manual_seed(step)
+        return out + scale * torch.randn(out.shape, generator=g).to(out.device, out.dtype)
     if isinstance(out, (tuple, list)):
-        return type(out)(_scale(o, factor) for o in out)
+        return type(out)(_corrupt(o, nan, scale, step) for o in out)
     return out

@@ -9,18 +9,23 @@ Each rank times the phases of every training batch with wall-clock marks at Ligh
     optimizer  on_after_backward    -> on_train_batch_end             (clipping, spike guard, step, scheduler)
     step       the sum of the four
 
-Every `every_n_steps` optimizer steps the window means (R ranks x 5 values) are exchanged with ONE all-gather
-(moe_plugin.parallel.consensus.gather_floats: 5 floats per rank, so the cost is one tiny collective per N
-steps). Then, identically on every rank:
+Every `every_n_steps` optimizer steps the window means (R ranks x 4 phases) are exchanged with ONE all-gather
+(moe_plugin.parallel.consensus.gather_floats: 4 floats per rank, one tiny collective per N steps).
 
-    median_step = median over ranks of the mean step time
-    rank r is a straggler  iff  step_r > factor * median_step
-    its slow phase         =  argmax over phases p of (phase_r,p - median over ranks of phase_p)
+In synchronous data parallelism every rank's STEP time is the same: the fast ranks wait for the slow one
+inside the gradient all-reduce (backward). So the rule compares the time each rank spends in phases that
+contain no collective ("sync-free phases": data, forward, optimizer by default; drop forward when
+all-to-all expert dispatch runs inside it):
+
+    own_r           = sum of rank r's sync-free phase times
+    rank r straggles  iff  own_r > factor * median_r(own)  and  own_r - median(own) > min_excess_ms
+    its slow phase  = argmax over phases p of (phase_r,p - median over ranks of phase_p)
 
 Flagged ranks go to the log (warning), to the loggers (straggler/* metrics, every window) and to
-<run>/events.jsonl. Time spent inside all-to-all is part of forward/backward here; the dispatch layer does not
-expose a timer yet. On asynchronous devices set sync_device=true to attribute time to the right phase (it
-synchronises at each mark, which costs a little throughput); step totals are right either way.
+<run>/events.jsonl. A rank slow inside backward (or inside all-to-all) is not told apart from the ranks
+waiting for it: that needs timers inside the collectives, which the dispatch layer does not expose yet. On
+asynchronous devices set sync_device=true to attribute time to the right phase (it synchronises at each mark,
+costing a little throughput).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class StragglerMonitor(pl.Callback):
         self,
         every_n_steps: int = 50,
         factor: float = 1.3,
+        min_excess_ms: float = 10.0,
+        sync_free_phases: tuple[str, ...] | list[str] = ("data", "forward", "optimizer"),
         sync_device: bool = False,
         per_rank_metrics_max_world: int = 64,
         events_file: str | None = None,
@@ -54,8 +61,13 @@ class StragglerMonitor(pl.Callback):
             raise ValueError(f"callbacks.straggler.every_n_steps={every_n_steps} must be >= 1.")
         if factor <= 1.0:
             raise ValueError(f"callbacks.straggler.factor={factor} must be > 1 (a rank this many times the median).")
+        bad = [p for p in sync_free_phases if p not in PHASES]
+        if bad or not sync_free_phases:
+            raise ValueError(f"callbacks.straggler.sync_free_phases={list(sync_free_phases)} must be a non-empty subset of {PHASES}.")
         self.every_n_steps = every_n_steps
         self.factor = factor
+        self.min_excess_ms = min_excess_ms
+        self.sync_free_phases = tuple(sync_free_phases)
         self.sync_device = sync_device
         self.per_rank_metrics_max_world = per_rank_metrics_max_world
         self.events_file = events_file
@@ -111,17 +123,19 @@ class StragglerMonitor(pl.Callback):
         self._sums = dict.fromkeys(PHASES, 0.0)
         self._n = 0
         rows = gather_floats(local, pl_module.device)  # R x 4 phase means, seconds
-        report = analyse(rows, self.factor)
+        report = analyse(rows, self.factor, self.sync_free_phases, self.min_excess_ms)
         report["step"] = trainer.global_step
         self.last_report = report
         for s in report["stragglers"]:
             log.warning(
-                "straggler: rank %d step %.1f ms = %.2fx the median %.1f ms (slow phase: %s) at step %d",
-                s["rank"], s["step_ms"], s["ratio"], report["median_step_ms"], s["slow_phase"], trainer.global_step,
+                "straggler: rank %d spends %.1f ms per step in %s = %.2fx the median %.1f ms (slow phase: %s) at step %d",
+                s["rank"], s["own_ms"], "+".join(self.sync_free_phases), s["ratio"], report["median_own_ms"],
+                s["slow_phase"], trainer.global_step,
             )  # fmt: skip
         if not trainer.is_global_zero:
             return
         metrics = {
+            "straggler/median_own_ms": report["median_own_ms"],
             "straggler/median_step_ms": report["median_step_ms"],
             "straggler/max_step_ms": report["max_step_ms"],
             "straggler/slowest_rank": float(report["slowest_rank"]),
@@ -130,38 +144,48 @@ class StragglerMonitor(pl.Callback):
         }
         metrics.update({f"straggler/local_{p}_ms": 1e3 * v for p, v in zip(PHASES, rows[0])})
         if len(rows) <= self.per_rank_metrics_max_world:
-            metrics.update({f"straggler/rank{r}_step_ms": ms for r, ms in enumerate(report["step_ms"])})
+            metrics.update({f"straggler/rank{r}_own_ms": ms for r, ms in enumerate(report["own_ms"])})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         path = events_path(trainer, self.events_file)
         for s in report["stragglers"]:
-            append_event(path, "straggler", "straggler", step=trainer.global_step, median_step_ms=report["median_step_ms"], **s)
+            append_event(path, "straggler", "straggler", step=trainer.global_step, median_own_ms=report["median_own_ms"], **s)
 
 
-def analyse(rows: list[list[float]], factor: float) -> dict[str, Any]:
+def analyse(
+    rows: list[list[float]],
+    factor: float,
+    sync_free_phases: tuple[str, ...] | list[str] = ("data", "forward", "optimizer"),
+    min_excess_ms: float = 0.0,
+) -> dict[str, Any]:
     """Flag stragglers in R rows of per-phase mean seconds (order PHASES); pure, for tests and tools."""
+    idx = [PHASES.index(p) for p in sync_free_phases]
     steps = [sum(r) for r in rows]
-    median = statistics.median(steps)
+    own = [sum(r[i] for i in idx) for r in rows]
+    median_own = statistics.median(own)
     phase_medians = [statistics.median(r[i] for r in rows) for i in range(len(PHASES))]
-    slowest = max(range(len(rows)), key=lambda r: steps[r])
+    slowest = max(range(len(rows)), key=lambda r: own[r])
     stragglers = []
     for r, row in enumerate(rows):
-        if median > 0 and steps[r] > factor * median:
+        if median_own > 0 and own[r] > factor * median_own and 1e3 * (own[r] - median_own) > min_excess_ms:
             excess = [row[i] - phase_medians[i] for i in range(len(PHASES))]
             stragglers.append(
                 {
                     "rank": r,
+                    "own_ms": 1e3 * own[r],
                     "step_ms": 1e3 * steps[r],
-                    "ratio": steps[r] / median,
+                    "ratio": own[r] / median_own,
                     "slow_phase": PHASES[max(range(len(PHASES)), key=lambda i: excess[i])],
                     "phases_ms": {p: 1e3 * v for p, v in zip(PHASES, row)},
                 }
             )
     return {
         "step_ms": [1e3 * s for s in steps],
-        "median_step_ms": 1e3 * median,
-        "max_step_ms": 1e3 * steps[slowest],
+        "own_ms": [1e3 * o for o in own],
+        "median_step_ms": 1e3 * statistics.median(steps),
+        "median_own_ms": 1e3 * median_own,
+        "max_step_ms": 1e3 * max(steps),
         "slowest_rank": slowest,
-        "slowest_ratio": steps[slowest] / median if median > 0 else 1.0,
+        "slowest_ratio": own[slowest] / median_own if median_own > 0 else 1.0,
         "stragglers": stragglers,
     }
