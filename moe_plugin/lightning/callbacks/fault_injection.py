@@ -23,6 +23,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -89,12 +90,16 @@ class FaultInjector(pl.Callback):
             f.flush()
             os.fsync(f.fileno())
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for f in self._active(trainer, ONCE_KINDS):
             if self._already_fired(trainer, f):
                 continue
             self._mark_fired(trainer, f)
-            log.warning("fault injection: %s at step %d on rank %d", f["kind"], trainer.global_step, trainer.global_rank)
+            log.warning(
+                "fault injection: %s at step %d on rank %d", f["kind"], trainer.global_step, trainer.global_rank
+            )
             if f["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {trainer.global_step} (callbacks.fault_injection)")
@@ -107,7 +112,8 @@ class FaultInjector(pl.Callback):
             else:
                 nan = f["kind"] == "nan_loss"
                 scale, step = float(f["scale"]), trainer.global_step
-                self._hooks.append(target.register_forward_hook(lambda m, a, out: _corrupt(out, nan, scale, step)))
+                hook = functools.partial(_corrupt_hook, nan=nan, scale=scale, step=step)
+                self._hooks.append(target.register_forward_hook(hook))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for hook in self._hooks:
@@ -124,6 +130,10 @@ class FaultInjector(pl.Callback):
         for hook in self._hooks:  # a step without backward (training_step returned None)
             hook.remove()
         self._hooks = []
+
+
+def _corrupt_hook(module: nn.Module, args: Any, out: Any, nan: bool, scale: float, step: int) -> Any:
+    return _corrupt(out, nan, scale, step)
 
 
 def _corrupt(out: Any, nan: bool, scale: float, step: int) -> Any:

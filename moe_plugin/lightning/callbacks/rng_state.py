@@ -23,7 +23,13 @@ def _to_safe(states: dict[str, Any]) -> dict[str, Any]:
     out = dict(states)
     if "numpy" in out:
         name, keys, pos, has_gauss, gauss = out["numpy"]
-        out["numpy"] = (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss))
+        out["numpy"] = (
+            str(name),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        )
     return out
 
 
@@ -45,7 +51,9 @@ class RNGState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict.get("rng")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             _set_rng_states(_from_safe(self._pending))
             self._pending = None

@@ -149,7 +149,9 @@ class LossSpikeGuard(pl.Callback):
         self._stepped = False
 
     # ---------------------------------------------------------------- batch substitution
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         attempts = 0
         ready = next((i for i, h in enumerate(self.held) if h.wait <= 0), None)
         if ready is not None and _same_shapes(self.held[ready].batch, batch):
@@ -307,7 +309,9 @@ class LossSpikeGuard(pl.Callback):
         path = folder / f"diverged-step{trainer.global_step:06d}.ckpt"
         trainer.save_checkpoint(path)  # weights and optimizer are those of the last applied (good) update
         if trainer.is_global_zero:
-            append_event(events_path(trainer, self.events_file), "spike_guard", "stop", step=d["step"], checkpoint=str(path))
+            append_event(
+                events_path(trainer, self.events_file), "spike_guard", "stop", step=d["step"], checkpoint=str(path)
+            )
         raise TrainingDivergedError(
             f"{self.consecutive_failures} consecutive optimizer steps were rejected (last: {d['reason']} at step "
             f"{d['step']}, loss {d['loss']:.4g}); stopping (callbacks.spike.max_consecutive_failures="

@@ -63,7 +63,9 @@ class StragglerMonitor(pl.Callback):
             raise ValueError(f"callbacks.straggler.factor={factor} must be > 1 (a rank this many times the median).")
         bad = [p for p in sync_free_phases if p not in PHASES]
         if bad or not sync_free_phases:
-            raise ValueError(f"callbacks.straggler.sync_free_phases={list(sync_free_phases)} must be a non-empty subset of {PHASES}.")
+            raise ValueError(
+                f"callbacks.straggler.sync_free_phases={list(sync_free_phases)} must be a non-empty subset of {PHASES}."
+            )
         self.every_n_steps = every_n_steps
         self.factor = factor
         self.min_excess_ms = min_excess_ms
@@ -84,7 +86,9 @@ class StragglerMonitor(pl.Callback):
         return time.perf_counter()
 
     # -- marks
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = self._now(pl_module)
         self._marks = {"start": now, "data": now - self._prev_end if self._prev_end is not None else 0.0}
 
@@ -149,7 +153,9 @@ class StragglerMonitor(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         path = events_path(trainer, self.events_file)
         for s in report["stragglers"]:
-            append_event(path, "straggler", "straggler", step=trainer.global_step, median_own_ms=report["median_own_ms"], **s)
+            append_event(
+                path, "straggler", "straggler", step=trainer.global_step, median_own_ms=report["median_own_ms"], **s
+            )
 
 
 def analyse(

@@ -86,7 +86,10 @@ def test_plain_files_are_a_fallback_and_temporaries_are_ignored(tmp_path):
 def test_sharded_directory_rule(tmp_path):
     d = tmp_path / "step000010.ckpt"
     d.mkdir()
-    meta = {"global_step": 10, "moe_plugin_layout": {"format_version": 1, "shard_files": ["experts_r0.pt", "experts_r1.pt"]}}
+    meta = {
+        "global_step": 10,
+        "moe_plugin_layout": {"format_version": 1, "shard_files": ["experts_r0.pt", "experts_r1.pt"]},
+    }
     write_checkpoint_file(meta, d / "meta.pt")
     write_checkpoint_file({"e": torch.ones(3)}, d / "experts_r0.pt")
     assert "shard experts_r1.pt: missing" in check_checkpoint(d).reason
@@ -118,3 +121,17 @@ def test_background_failure_surfaces_in_the_training_thread(tmp_path):
 def test_bad_option():
     with pytest.raises(ValueError, match="checkpoint_io.max_pending=0"):
         AsyncCheckpointIO(max_pending=0)
+
+
+def test_snapshot_buffers_are_reused_after_the_write(tmp_path):
+    io = AsyncCheckpointIO()
+    ckpt = _ckpt(1)
+    io.save_checkpoint(ckpt, tmp_path / "a.ckpt")
+    io.wait()
+    assert io.pool.nbytes >= ckpt["state_dict"]["w"].numel() * 4  # buffers returned to the pool
+    ckpt["state_dict"]["w"].add_(1.0)
+    io.save_checkpoint(ckpt, tmp_path / "b.ckpt")
+    assert io.pool.nbytes == 0  # taken by the second snapshot
+    io.teardown()
+    assert torch.equal(io.load_checkpoint(tmp_path / "b.ckpt")["state_dict"]["w"], ckpt["state_dict"]["w"])
+    assert not torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["state_dict"]["w"], ckpt["state_dict"]["w"])

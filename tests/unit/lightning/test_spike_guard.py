@@ -32,7 +32,9 @@ def _unchanged(rec) -> bool:
 @pytest.mark.slow
 def test_spike_skips_update_retries_batch_and_lowers_lr_on_repeat(tmp_path):
     # spike at step 8 (z >> 3 after 5 warm-up steps); the retry at step 9 spikes again
-    guard, probe, _ = _run(tmp_path, [{"kind": "spike", "step": 8, "until": 10}], max_steps=12, grad_norm_threshold=None)
+    guard, probe, _ = _run(
+        tmp_path, [{"kind": "spike", "step": 8, "until": 10}], max_steps=12, grad_norm_threshold=None
+    )
     r = {rec["step"]: rec for rec in probe.records}
     # step 8: update skipped, optimizer + scheduler + weights bit-for-bit unchanged
     assert not r[8]["has_grad"]
@@ -71,7 +73,12 @@ def test_non_finite_never_reaches_weights(tmp_path, kind):
 @pytest.mark.slow
 def test_reinject_feeds_the_batch_later_and_loses_nothing(tmp_path):
     guard, probe, _ = _run(
-        tmp_path, [{"kind": "spike", "step": 8}], max_steps=16, action="reinject", reinject_window=4, grad_norm_threshold=None
+        tmp_path,
+        [{"kind": "spike", "step": 8}],
+        max_steps=16,
+        action="reinject",
+        reinject_window=4,
+        grad_norm_threshold=None,
     )
     batches = [rec["batch"] for rec in probe.records]
     spiked = batches[8]

@@ -88,9 +88,13 @@ class Probe(pl.Callback):
         self.records[-1]["lr_used"] = optimizer.param_groups[0]["lr"]
         self.records[-1]["has_grad"] = any(p.grad is not None for p in pl_module.parameters())
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.records.append({"step": trainer.global_step, "before": self._state(trainer, pl_module)})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.records[-1]["batch"] = batch.detach().clone()
         self.records[-1]["after"] = self._state(trainer, pl_module)
