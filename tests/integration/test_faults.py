@@ -120,6 +120,8 @@ def test_two_process_kill_resume_and_torchrun_elastic_restart(tmp_path):
     events = [json.loads(x) for x in (ref / "events.jsonl").read_text().splitlines()]
     flagged = [e for e in events if e["source"] == "straggler"]
     assert flagged and {e["rank"] for e in flagged} == {1} and {e["slow_phase"] for e in flagged} == {"forward"}
+    header = next(csv.reader((ref / "csv" / "version_0" / "metrics.csv").open()))
+    assert {"straggler/slowest_ratio", "straggler/rank1_own_ms", "spike/skipped_total", "spike/loss_z"} <= set(header)
 
     # Lightning DDP launched by train.py: rank 1 killed at step 7, then the same command again
     run = tmp_path / "run"
