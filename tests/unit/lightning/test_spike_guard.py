@@ -122,3 +122,21 @@ def test_state_round_trip_keeps_detector_and_held_batches():
     assert h.loss_detector.mean == g.loss_detector.mean and h.loss_detector.count == 3
     assert torch.equal(h.held[0].batch, g.held[0].batch) and (h.held[0].attempts, h.held[0].wait) == (1, 2)
     assert math.isfinite(h.loss_detector.var)
+
+
+@pytest.mark.slow
+def test_spike_and_straggler_events_reach_the_wandb_run(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from moe_plugin.lightning.callbacks.straggler import StragglerMonitor
+
+    logger = WandbLogger(project="moe_plugin_test", save_dir=str(tmp_path), offline=True)
+    callbacks = [LossSpikeGuard(warmup_steps=5, grad_norm_threshold=None), StragglerMonitor(every_n_steps=3)]
+    callbacks.append(FaultInjector([{"kind": "spike", "step": 8}]))
+    trainer = tiny_trainer(callbacks, 10, tmp_path, logger=logger, log_every_n_steps=1)
+    trainer.fit(tiny_module(), datamodule=tiny_data())
+    logger.experiment.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = next(run.glob("run-*.wandb")).read_bytes()
+    for key in (b"spike/event_z", b"spike/event_loss", b"spike/skipped_total", b"straggler/slowest_ratio"):
+        assert key in records, key
