@@ -1,5 +1,6 @@
 """Fault-injection tests end to end: `python train.py` (and torchrun) in subprocesses, faults from the config.
 
+- SIGTERM (preemption) saves a checkpoint at the step boundary, exits 143, and the next start resumes from it
 - a process killed mid-training (1 process; 2 processes with Lightning DDP) and restarted with resume=auto
   reaches the same losses as an uninterrupted run; with the newest checkpoints truncated on disk, they are
   reported, skipped and the previous one is used (still the same final loss)
@@ -80,11 +81,18 @@ def _ok(p: subprocess.CompletedProcess) -> None:
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def single_ref(tmp_path_factory) -> Path:
+    """An uninterrupted single-process run: the losses every interrupted run must reproduce."""
+    ref = tmp_path_factory.mktemp("single") / "ref"
+    _ok(train(ref))
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_single_process_resumes_to_the_same_loss_skipping_truncated_checkpoints(tmp_path):
-    ref = tmp_path / "ref"
-    _ok(train(ref))
+def test_killed_single_process_resumes_to_the_same_loss_skipping_truncated_checkpoints(single_ref, tmp_path):
+    ref = single_ref
     run = tmp_path / "run"
     p = train(run, _faults("{kind: kill, step: 7}"))
     assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL: nothing was flushed by Lightning
@@ -107,6 +115,21 @@ def test_killed_single_process_resumes_to_the_same_loss_skipping_truncated_check
     assert run_l == ref_l  # bit-exact per step, replayed steps included
     assert summary(run)["val_loss"] == summary(ref)["val_loss"]
     assert summary(run)["steps"] == 10
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_resume_continues_from_it(single_ref, tmp_path):
+    run = tmp_path / "run"
+    p = train(run, _faults("{kind: sigterm, step: 7}"))
+    assert p.returncode == 143, p.stderr[-2000:]  # 128 + SIGTERM: "terminated", not "finished"
+    saved = run / "checkpoints" / "preempted-step000008.ckpt"
+    assert check_checkpoint(saved).valid  # step 7 finished, then the state was saved and flushed
+    p = train(run, _faults("{kind: sigterm, step: 7}"))
+    _ok(p)
+    assert f"resuming from {saved}" in p.stdout + p.stderr
+    assert losses(run) == losses(single_ref)
+    assert summary(run)["val_loss"] == summary(single_ref)["val_loss"]
 
 
 @pytest.mark.slow

@@ -12,10 +12,11 @@ every rank), `scale` and `seconds`. Kinds:
     nan_loss  the model's output is multiplied by NaN: non-finite loss and gradients
     nan_grad  after backward, one gradient element of the first parameter becomes NaN (on `rank` only)
     kill      SIGKILL of the process at the start of the step (like a lost node; nothing is flushed)
+    sigterm   SIGTERM to the process at the start of the step (preemption: the step ends, then fit stops)
     raise     a RuntimeError at the start of the step (a crash that Lightning sees)
     sleep     `seconds` of sleep before the forward pass on each step of [step, until) (a straggler)
 
-`kill` and `raise` fire once per run folder: a marker file `<run>/fault_injection_fired.json` remembers them,
+`kill`, `sigterm` and `raise` fire once per run folder: a marker file `<run>/fault_injection_fired.json` remembers them,
 so a run restarted in the same folder (resume=auto, torchrun --max-restarts) goes past them. The other kinds
 are a pure function of the step and fire again if the step is replayed after a resume, exactly as in an
 uninterrupted run.
@@ -39,8 +40,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-KINDS = ("spike", "nan_loss", "nan_grad", "kill", "raise", "sleep")
-ONCE_KINDS = ("kill", "raise")
+KINDS = ("spike", "nan_loss", "nan_grad", "kill", "sigterm", "raise", "sleep")
+ONCE_KINDS = ("kill", "sigterm", "raise")
 MARKER = "fault_injection_fired.json"
 
 
@@ -102,6 +103,9 @@ class FaultInjector(pl.Callback):
             )
             if f["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if f["kind"] == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by Lightning: the step finishes, then fit stops
+                continue
             raise RuntimeError(f"injected fault at step {trainer.global_step} (callbacks.fault_injection)")
         for f in self._active(trainer, ("spike", "nan_loss", "sleep")):
             self.fired.append({"step": trainer.global_step, "kind": f["kind"]})

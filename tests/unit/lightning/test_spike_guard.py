@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_plugin.lightning.callbacks.fault_injection import FaultInjector
+from moe_plugin.lightning.callbacks.preemption import PreemptionCheckpoint
 from moe_plugin.lightning.callbacks.spike import LossSpikeGuard, TrainingDivergedError, _Held
 from moe_plugin.lightning.checkpoint_io import is_valid_checkpoint
 from moe_plugin.lightning.events import read_events
@@ -108,6 +109,8 @@ def test_bad_options_name_the_key():
         LossSpikeGuard(action="bogus")
     with pytest.raises(ValueError, match="lr_factor"):
         LossSpikeGuard(lr_factor=0.0)
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        PreemptionCheckpoint(check_every_n_steps=0)
     with pytest.raises(ValueError, match="callbacks.fault_injection.faults\\[0\\].kind"):
         FaultInjector([{"kind": "meteor", "step": 1}])
 
