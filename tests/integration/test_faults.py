@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_plugin.lightning.checkpoint_io import check_checkpoint, list_checkpoints
+from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -125,9 +125,11 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_resume_continues_fr
     assert p.returncode == 143, p.stderr[-2000:]  # 128 + SIGTERM: "terminated", not "finished"
     saved = run / "checkpoints" / "preempted-step000008.ckpt"
     assert check_checkpoint(saved).valid  # step 7 finished, then the state was saved and flushed
+    target = find_latest_valid(run / "checkpoints")
+    assert check_checkpoint(target).global_step == 8  # the preemption checkpoint (or an equal one of that step)
     p = train(run, _faults("{kind: sigterm, step: 7}"))
     _ok(p)
-    assert f"resuming from {saved}" in p.stdout + p.stderr
+    assert f"resuming from {target}" in p.stdout + p.stderr
     assert losses(run) == losses(single_ref)
     assert summary(run)["val_loss"] == summary(single_ref)["val_loss"]
 

@@ -8,8 +8,9 @@ moe_plugin.parallel.consensus.all_ranks_agree), and if so all ranks save togethe
 
     <checkpoint folder>/preempted-step<global step>.ckpt
 
-and wait until it is on disk (the async writer is flushed), then stop with exit status 143 (128 + SIGTERM, the
-convention for "terminated"; Lightning alone would exit with 0, which wrappers read as "finished"). `resume=auto` then picks it
+and wait until it is on disk (the async writer is flushed). Lightning then ends fit after this step (its
+metrics logged) on every rank that received SIGTERM, as schedulers and torchrun send it to all; the exit status
+becomes 143 (128 + SIGTERM, "terminated"; Lightning alone exits with 0, which wrappers read as "finished"). `resume=auto` then picks it
 up as the newest checkpoint: no step after the last periodic checkpoint is lost. SIGKILL cannot be caught:
 for that, periodic checkpoints and resume=auto are the answer.
 """
@@ -22,15 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from moe_plugin.lightning.events import append_event, events_path
 from moe_plugin.parallel.consensus import all_ranks_agree
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is on disk; exit status 143."""
 
 
 class PreemptionCheckpoint(pl.Callback):
@@ -65,4 +63,9 @@ class PreemptionCheckpoint(pl.Callback):
                 step=trainer.global_step,
                 checkpoint=str(path),
             )
-        raise Preempted(128 + signal.SIGTERM)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning ends fit with SIGTERMException (a SystemExit with status 0) right after the step whose metrics
+        # it logged; make the status say "terminated" so wrappers and schedulers do not take it for "finished".
+        if isinstance(exception, SIGTERMException) and self.saved_path is not None:
+            exception.code = 128 + signal.SIGTERM
