@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -321,6 +322,26 @@ def list_checkpoints(folder: Path | str) -> list[Path]:
     return out
 
 
+def remove_stale_temporaries(folder: Path | str, older_than_s: float = 3600.0) -> list[Path]:
+    """Delete temporaries left by writes that were killed (`.<name>.tmp.<pid>.<n>`, also inside sharded
+    checkpoint directories) older than `older_than_s`; the age keeps writes in flight elsewhere safe."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for p in [*folder.glob(".*.tmp.*"), *folder.glob("*/.*.tmp.*")]:
+        try:
+            if p.is_file() and now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass  # another process removed or is replacing it
+    if removed:
+        log.info("removed %d stale temporary checkpoint file(s) in %s", len(removed), folder)
+    return removed
+
+
 def find_latest_valid(folder: Path | str, deep: bool = True) -> Path | None:
     """The newest valid checkpoint in `folder` (or None), logging each newer one that was skipped and why.
 
@@ -381,8 +402,6 @@ class AsyncCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options (got {storage_options!r}).")
-        import time
-
         t0 = time.perf_counter()
         self._raise_errors()
         target = Path(path)
@@ -424,9 +443,14 @@ class AsyncCheckpointIO(CheckpointIO):
             raise errors[0]
 
     def wait(self, path: Any | None = None) -> None:
-        """Block until the write of `path` (or every pending write, if None) is on disk."""
+        """Block until the write of `path` (a file, or every file under a sharded checkpoint directory; every
+        pending write if None) is on disk."""
         with self._lock:
-            futures = list(self._pending.values()) if path is None else [self._pending.get(str(Path(path)))]
+            if path is None:
+                futures = list(self._pending.values())
+            else:
+                key = str(Path(path))
+                futures = [f for k, f in self._pending.items() if k == key or k.startswith(key + os.sep)]
         for f in futures:
             if f is not None:
                 try:

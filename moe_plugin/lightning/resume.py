@@ -15,12 +15,13 @@ launch with torchrun, whose restarts (`--max-restarts`) share TORCHELASTIC_RUN_I
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from moe_plugin.config.validate import ConfigError
-from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid
+from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def resolve_resume(cfg: DictConfig) -> str | None:
             log.info("resume: from %s (%s)", target, check.reason)
             return str(target)
         folder = target
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        remove_stale_temporaries(folder)  # partial files of writes killed in earlier runs (can be GBs each)
     latest = find_latest_valid(folder)
     if latest is None:
         log.info("resume=%s: no valid checkpoint in %s, starting fresh", resume, folder)

@@ -15,6 +15,7 @@ from moe_plugin.lightning.checkpoint_io import (
     check_checkpoint,
     find_latest_valid,
     is_valid_checkpoint,
+    remove_stale_temporaries,
     sidecar_path,
     snapshot_to_host,
     write_checkpoint_file,
@@ -135,3 +136,34 @@ def test_snapshot_buffers_are_reused_after_the_write(tmp_path):
     io.teardown()
     assert torch.equal(io.load_checkpoint(tmp_path / "b.ckpt")["state_dict"]["w"], ckpt["state_dict"]["w"])
     assert not torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["state_dict"]["w"], ckpt["state_dict"]["w"])
+
+
+def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    old = tmp_path / ".step4.ckpt.tmp.123.0"
+    fresh = tmp_path / ".step6.ckpt.tmp.456.0"
+    nested = tmp_path / "step8.ckpt"
+    nested.mkdir()
+    old_shard = nested / ".experts_r1.pt.tmp.789.2"
+    for p in (old, fresh, old_shard):
+        p.write_bytes(b"partial")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(old_shard, (past, past))
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([old, old_shard])
+    assert fresh.exists() and not old.exists()
+
+
+def test_sharded_directory_writes_through_the_io_and_waits_as_a_whole(tmp_path):
+    io = AsyncCheckpointIO()
+    d = tmp_path / "step000012.ckpt"
+    shards = [f"experts_r{r}.pt" for r in range(3)]
+    for name in shards:
+        io.save_checkpoint({"e": torch.randn(50_000)}, d / name)
+    io.save_checkpoint({"global_step": 12, "moe_plugin_layout": {"shard_files": shards}}, d / "meta.pt")
+    io.wait(d)  # every file under the directory is on disk
+    assert is_valid_checkpoint(d)
+    io.remove_checkpoint(d)
+    assert not d.exists()
