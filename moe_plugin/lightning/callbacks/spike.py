@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 ACTIONS = ("retry", "reinject", "skip")
 
 
+def update_rejected(trainer: pl.Trainer) -> bool:
+    """True when a LossSpikeGuard rejected this step's update (ask it in on_before_optimizer_step of a callback
+    placed after the guard, e.g. to skip other per-step state changes such as an expert-bias update)."""
+    return any(isinstance(cb, LossSpikeGuard) and cb.rejected for cb in trainer.callbacks)
+
+
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive optimizer steps were skipped; the message names the saved checkpoint."""
 
@@ -147,6 +153,7 @@ class LossSpikeGuard(pl.Callback):
         self._restore: tuple[list[dict[str, Any]], list[float]] | None = None
         self._last_z = 0.0
         self._stepped = False
+        self.rejected = False  # this step's update was skipped (valid from on_before_optimizer_step on)
 
     # ---------------------------------------------------------------- batch substitution
     def on_train_batch_start(
@@ -175,6 +182,7 @@ class LossSpikeGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
+        self.rejected = False
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         local_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         local_bad = not (math.isfinite(self._loss_sum) and math.isfinite(local_norm))
@@ -204,6 +212,7 @@ class LossSpikeGuard(pl.Callback):
             self.counts["lowered_lr"] += 1
         else:
             self._skip_update(trainer, optimizer)
+            self.rejected = True
             self.consecutive_failures += 1
             self.counts["skipped"] += 1
             self.counts["nonfinite"] += int(nonfinite)

@@ -87,6 +87,9 @@ class Probe(pl.Callback):
         # runs after the spike guard (callback order): the LR the update will use
         self.records[-1]["lr_used"] = optimizer.param_groups[0]["lr"]
         self.records[-1]["has_grad"] = any(p.grad is not None for p in pl_module.parameters())
+        from moe_plugin.lightning.callbacks.spike import update_rejected
+
+        self.records[-1]["rejected"] = update_rejected(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
