@@ -1,8 +1,13 @@
 """moe_plugin: Mixture-of-Experts training with expert parallelism for PyTorch Lightning."""
 
+from moe_plugin.accelerators.lightning_accelerators import register_all as _register_accelerators
 from moe_plugin.config.resolvers import register_resolvers
 from moe_plugin.layers.moe import MoE, collect_aux_losses
 
+# Lightning has no entry-point discovery: our accelerators (npu, xpu, mlu, musa) and their
+# strategies (single_<type>, ddp_<type>) are registered by name when the package is imported.
+# Registration only touches the registries (no device detection, no vendor import).
+_register_accelerators()
 register_resolvers()  # ${moe_run_id:...} in conf/hydra/default.yaml
 
 __version__ = "0.1.0"
