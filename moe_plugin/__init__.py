@@ -1,6 +1,7 @@
 """moe_plugin: Mixture-of-Experts training with expert parallelism for PyTorch Lightning."""
 
 from moe_plugin.accelerators.lightning_accelerators import register_all as _register_accelerators
+from moe_plugin.config.resolvers import register_resolvers
 from moe_plugin.convert import moefy
 from moe_plugin.layers.moe import MoE, collect_aux_losses
 
@@ -8,6 +9,7 @@ from moe_plugin.layers.moe import MoE, collect_aux_losses
 # strategies (single_<type>, ddp_<type>) are registered by name when the package is imported.
 # Registration only touches the registries (no device detection, no vendor import).
 _register_accelerators()
+register_resolvers()  # ${moe_run_id:...} in conf/hydra/default.yaml
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,7 @@ class TopConfig:
     task_name: str = "train"
     seed: int = 1234
     ckpt_path: Any = None
+    resume: Any = "auto"
     tags: list[str] = field(default_factory=list)
     train: bool = True
     validate_at_end: bool = True

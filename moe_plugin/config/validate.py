@@ -149,7 +149,7 @@ def validate_config(cfg: DictConfig) -> None:
     top = {k: cfg[k] for k in cfg if k in TopConfig.__dataclass_fields__}
     _check_schema(OmegaConf.create(top), "", TopConfig)
     _check_schema(cfg.get("paths"), "paths", PathsConfig)
-    for key in ("model", "data", "callbacks", "logger"):
+    for key in ("model", "data", "callbacks", "logger", "checkpoint_io"):
         if cfg.get(key) is not None:
             check_target_kwargs(cfg[key], key)
     if cfg.get("optim") is not None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_plugin.config.validate import ConfigError, validate_config
 from moe_plugin.lightning.callbacks.summary import RunSummary
 from moe_plugin.lightning.module import MoELanguageModule
+from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
 
@@ -52,7 +53,7 @@ def run(cfg: DictConfig) -> float | None:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("validate_at_end", True):
         metrics.update(

@@ -66,12 +66,21 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     return out
 
 
+def resolve_plugins(cfg: DictConfig) -> list[Any]:
+    """Trainer plugins from their config groups: `checkpoint_io` (how checkpoint files are written and read)."""
+    node = cfg.get("checkpoint_io")
+    return [instantiate(node)] if node is not None and "_target_" in node else []
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
     kwargs.update(resolve_accelerator(cfg, kwargs, resolve_strategy(cfg)))
+    extra = kwargs.pop("plugins", None) or []
+    plugins = [*resolve_plugins(cfg), *(extra if isinstance(extra, (list, tuple)) else [extra])]
     return pl.Trainer(
         callbacks=callbacks,
         logger=loggers if loggers else False,
+        plugins=plugins or None,
         **kwargs,
     )
