@@ -12,6 +12,8 @@ For any LightningModule containing MoE layers (found with `moe_layers(pl_module)
        c_LE = sum over micro-batches of the step and over all ranks (trainer.strategy.reduce, "sum")
        b_E <- b_E + rate * sign(mean(c) - c_E), centred
    Every rank reduces the same counts, so the bias stays identical on every rank.
+   A step whose update the LossSpikeGuard rejected (the same decision on every rank) leaves the bias
+   unchanged too: a skipped step changes no state. Place this callback after the guard.
 
 Nothing happens for layers without warmup / bias, so it is safe to keep on by default.
 """
@@ -26,6 +28,7 @@ from torch.optim import Optimizer
 
 from moe_plugin.layers.expert_bias import update_expert_bias
 from moe_plugin.layers.moe import moe_layers, moe_start_step
+from moe_plugin.lightning.callbacks.spike import update_rejected
 
 
 class RouterUpdates(Callback):
@@ -46,7 +49,7 @@ class RouterUpdates(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._step_open = False
         layers = [m for m in moe_layers(pl_module) if m.router.expert_bias_E is not None]
-        if not layers:
+        if not layers or update_rejected(trainer):
             return
         counts = []
         for m in layers:

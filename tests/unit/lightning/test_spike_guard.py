@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -154,3 +155,33 @@ def test_spike_and_straggler_events_reach_the_wandb_run(tmp_path):
         time.sleep(0.2)
     for key in keys:
         assert key in records, key
+
+
+@pytest.mark.slow
+def test_rejected_step_leaves_the_expert_bias_unchanged(tmp_path):
+    from moe_plugin.layers.moe import moe_layers
+    from moe_plugin.lightning.callbacks.router_updates import RouterUpdates
+    from moe_plugin.models.decoder import MoEDecoderLM
+
+    class BiasProbe(pl.Callback):
+        def __init__(self):
+            self.bias = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.bias[trainer.global_step] = moe_layers(pl_module)[0].router.expert_bias_E.clone()
+
+    guard = LossSpikeGuard(warmup_steps=5, grad_norm_threshold=None)
+    probe = BiasProbe()
+    trainer = tiny_trainer([guard, FaultInjector([{"kind": "spike", "step": 8}]), RouterUpdates(), probe], 11, tmp_path)
+    module = tiny_module()
+    torch.manual_seed(0)
+    module.model = MoEDecoderLM(
+        vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, max_seq_len=64,
+        moe={"num_experts": 4, "top_k": 2, "expert_hidden_size": 32, "expert_bias": True,
+             "expert_bias_update_rate": 0.01},
+    )  # fmt: skip
+    trainer.fit(module, datamodule=tiny_data())
+    # global_step after step s is s + 1: the bias moves on every applied step and not on the rejected step 8
+    assert not torch.equal(probe.bias[8], probe.bias[7])
+    assert torch.equal(probe.bias[9], probe.bias[8])
+    assert not torch.equal(probe.bias[10], probe.bias[9])
