@@ -13,20 +13,22 @@ def tokens_per_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tens
     return torch.bincount(topk_ids_TK.flatten(), minlength=num_experts)
 
 
-def load_balancing_loss(scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(scores_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """Switch/GShard load-balancing loss (Fedus et al. 2021, eq. 4; Lepikhin et al. 2020).
 
-        L_balance = E * sum_i f_i * P_i
+        L_balance = E * sum_i f_i * P_i,      f_i = c_i / sum_j c_j,      P_i = mean_t scores_ti
 
-    f_i = fraction of the T*K token assignments routed to expert i (no gradient),
-    P_i = mean router score of expert i over the T tokens.
-    Equals 1 for perfectly uniform routing. Megatron writes the same quantity as
-    E / (K * T^2) * sum_i (sum_t scores_ti) * (tokens to expert i).
+    c_i = token assignments routed to expert i (no gradient), so f sums to 1; P_i = mean router score of
+    expert i over the T tokens. Equals 1 for perfectly uniform routing. Counts summed over data-parallel
+    ranks (MoE.count_reduce) give the loss of the global micro-batch; P staying local is exact because
+    data-parallel gradient averaging averages P. Megatron writes the same quantity as
+    E / (K * T^2) * sum_i (sum_t scores_ti) * c_i.
     """
-    T, K = topk_ids_TK.shape
-    f_E = tokens_per_expert(topk_ids_TK, num_experts).to(scores_TE.dtype) / (T * K)
+    E = scores_TE.shape[-1]
+    counts_E = tokens_per_expert_E.detach().to(scores_TE.dtype)
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = scores_TE.mean(dim=0)
-    return num_experts * torch.sum(f_E.detach() * P_E)
+    return E * torch.sum(f_E * P_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

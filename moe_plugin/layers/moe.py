@@ -17,6 +17,7 @@ statistics of the last forward are kept in `last_tokens_per_expert_E` (detached)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -69,6 +70,9 @@ class MoE(nn.Module):
             nn.Linear(hidden_size, 1, bias=False) if (shared_expert_gate and self.shared_experts) else None
         )
         self.dispatcher: TokenDispatcher | None = None
+        # set from outside (moe_plugin.parallel): sums token counts over data-parallel ranks, so the balance
+        # loss and statistics are those of the global micro-batch; None = this process's counts
+        self.count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux_loss: torch.Tensor | None = None
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_tokens_per_expert_E: torch.Tensor | None = None
@@ -102,7 +106,9 @@ class MoE(nn.Module):
         topk_ids_TK: torch.Tensor,
         tokens_per_expert_E: torch.Tensor,
     ) -> None:
-        balance = load_balancing_loss(scores_TE, topk_ids_TK, self.num_experts)
+        if self.count_reduce is not None:
+            tokens_per_expert_E = self.count_reduce(tokens_per_expert_E)
+        balance = load_balancing_loss(scores_TE, tokens_per_expert_E)
         z = router_z_loss(logits_TE)
         self.last_losses = {"balance_loss": balance.detach(), "z_loss": z.detach()}
         self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z
