@@ -142,7 +142,9 @@ class LMDataModule(pl.LightningDataModule):
         if trainer is None:
             return dict(self._resume)
         _, world = self._rank_world()
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed`, not `completed`: ModelCheckpoint(every_n_train_steps) saves in on_train_batch_end, after
+        # the batch was trained on but before Lightning counts it completed (at validation end both are equal).
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "samples": batches * self.batch_size * world}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

@@ -179,6 +179,21 @@ class ExpertParallelStrategy(DDPStrategy):
         reduce_expert_gradients(expert, self.mesh.expert_data_group, self.mesh.world_size)
         return out
 
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        text = f"{type(exception).__name__}: {exception}"
+        if isinstance(exception, RuntimeError) and any(
+            k in text for k in ("Connection closed", "Connection reset", "Timed out", "timed out", "DistBackendError")
+        ):
+            log.error(
+                "rank %s: a collective failed: another rank died or did not answer within strategy.timeout_seconds=%s "
+                "(%s). This rank exits instead of hanging. Resume from the last checkpoint with ckpt_path=<run>/"
+                "checkpoints/last.ckpt (any strategy.expert_parallel_size).",
+                self.global_rank,
+                self.timeout_seconds,
+                text.splitlines()[0][:300],
+            )
+
     # ------------------------------------------------------------------------------- checkpoints
     def _layout(self) -> ShardedLayout:
         assert self.mesh is not None and self.plan is not None

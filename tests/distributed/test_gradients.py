@@ -65,7 +65,9 @@ def _check(rank: int, world: int, ep: int) -> None:
     for layer, stats in zip(moe_layers(model), ref_stats):
         got = torch.stack([layer.last_losses["balance_loss"], layer.last_losses["z_loss"]])
         dist.all_reduce(got)
-        torch.testing.assert_close(got / world, torch.stack([stats["balance_loss"], stats["z_loss"]]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got / world, torch.stack([stats["balance_loss"], stats["z_loss"]]), rtol=1e-5, atol=1e-6
+        )
         # load statistics are the global counts
         assert int(layer.last_tokens_per_expert_E.sum()) == world * PER_RANK * 16 * 2
 
