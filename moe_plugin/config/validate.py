@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,11 @@ def check_target_kwargs(node: Any, key: str) -> None:
     target_name = node.get("_target_")
     if target_name is None:
         for k in node:
-            check_target_kwargs(node[k], f"{key}.{k}" if key else str(k))
+            try:
+                child = node[k]
+            except InterpolationResolutionError:
+                continue
+            check_target_kwargs(child, f"{key}.{k}" if key else str(k))
         return
     from hydra.utils import get_object
 
@@ -89,7 +94,10 @@ def _check_kwargs(node: DictConfig, key: str, target: Any) -> None:
             )
         if OmegaConf.is_missing(node, k):
             raise ConfigError(f"{key}.{k} is required (it is '???'). Set it on the command line: {key}.{k}=VALUE.")
-        value = node[k]
+        try:
+            value = node[k]
+        except InterpolationResolutionError:
+            continue  # resolved only inside a run (e.g. ${hydra:runtime.output_dir}); nothing to check here
         if k in nested and isinstance(node[k], DictConfig):
             _check_kwargs(node[k], f"{key}.{k}", nested[k])
             continue
@@ -110,7 +118,9 @@ def _check_schema(node: Any, key: str, schema: type) -> None:
         OmegaConf.merge(OmegaConf.structured(schema), node)
     except Exception as err:
         msg = str(err).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}. Fix the value or remove the key.") from err
+        full_key = getattr(err, "full_key", None)
+        where = f"{key}.{full_key}" if key and full_key else (full_key or key)
+        raise ConfigError(f"{where}: {msg}. Fix the value or remove the key.") from err
 
 
 def _model_rules(m: DictConfig) -> None:
@@ -185,7 +195,7 @@ def validate_config(cfg: DictConfig) -> None:
     from moe_plugin.config.schema import PathsConfig, TopConfig
 
     top = {k: cfg[k] for k in cfg if k in TopConfig.__dataclass_fields__}
-    _check_schema(OmegaConf.create(top), "top level", TopConfig)
+    _check_schema(OmegaConf.create(top), "", TopConfig)
     _check_schema(cfg.get("paths"), "paths", PathsConfig)
     for key in ("model", "data", "callbacks", "logger"):
         if cfg.get(key) is not None:

@@ -12,6 +12,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
+def cap_bytes(docs: Iterator[tuple[str, bytes]], max_bytes: int | None) -> Iterator[tuple[str, bytes]]:
+    """Stop after the document that reaches `max_bytes` in total (None: no cap)."""
+    total = 0
+    for name, data in docs:
+        yield name, data
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
 class StdlibSource:
     """`*.py` files of the running interpreter's standard library (site-packages excluded)."""
 
@@ -21,7 +31,9 @@ class StdlibSource:
         self.root = Path(sysconfig.get_paths()["stdlib"])
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        total = 0
+        return cap_bytes(self._documents(), self.max_bytes)
+
+    def _documents(self) -> Iterator[tuple[str, bytes]]:
         for path in sorted(self.root.rglob("*.py")):
             rel = path.relative_to(self.root).as_posix()
             if rel.startswith(("site-packages/", "dist-packages/")) or "/site-packages/" in rel:
@@ -29,24 +41,21 @@ class StdlibSource:
             if not self.include_tests and (rel.startswith(("test/", "idlelib/idle_test/")) or "/tests/" in rel):
                 continue
             data = path.read_bytes()
-            if not data:
-                continue
-            yield rel, data
-            total += len(data)
-            if self.max_bytes is not None and total >= self.max_bytes:
-                return
+            if data:
+                yield rel, data
 
 
 class TextFilesSource:
     """Files, or every file matching `pattern` under folders, listed in `paths`."""
 
-    def __init__(self, paths: Sequence[str], pattern: str = "*", encoding_check: bool = False) -> None:
+    def __init__(self, paths: Sequence[str], pattern: str = "*", max_bytes: int | None = None) -> None:
         if isinstance(paths, str):
             paths = [paths]
         if not paths:
             raise ValueError("data.source.paths is empty: give files or folders, e.g. data.source.paths=[/data/books].")
         self.paths = [Path(p).expanduser() for p in paths]
         self.pattern = pattern
+        self.max_bytes = max_bytes
         for p in self.paths:
             if not p.exists():
                 raise FileNotFoundError(
@@ -55,6 +64,9 @@ class TextFilesSource:
                 )
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        return cap_bytes(self._documents(), self.max_bytes)
+
+    def _documents(self) -> Iterator[tuple[str, bytes]]:
         for p in self.paths:
             files = [p] if p.is_file() else sorted(f for f in p.rglob(self.pattern) if f.is_file())
             for f in files:
@@ -66,15 +78,19 @@ class TextFilesSource:
 class HFDiskDatasetSource:
     """Rows of a `datasets` dataset saved with `save_to_disk`; `text_field` holds the text."""
 
-    def __init__(self, path: str, split: str = "train", text_field: str = "text") -> None:
+    def __init__(self, path: str, split: str = "train", text_field: str = "text", max_bytes: int | None = None) -> None:
         if not Path(path).expanduser().exists():
             raise FileNotFoundError(
                 f"data.source.path={path!r} does not exist. Save a dataset there first with "
                 "datasets.Dataset.save_to_disk(path); nothing is downloaded at run time."
             )
         self.path, self.split, self.text_field = str(Path(path).expanduser()), split, text_field
+        self.max_bytes = max_bytes
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        return cap_bytes(self._documents(), self.max_bytes)
+
+    def _documents(self) -> Iterator[tuple[str, bytes]]:
         try:
             import datasets
         except ImportError as err:  # pragma: no cover - depends on the environment

@@ -52,6 +52,8 @@ class MoELanguageModule(pl.LightningModule):
         bs = batch.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/lm_loss", lm_loss, batch_size=bs)
+        # logged here rather than by LearningRateMonitor, which refuses to run without a logger
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         layers = moe_layers(self.model)
         if aux is not None and layers:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)

@@ -77,7 +77,19 @@ def run(cfg: DictConfig) -> float | None:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         print(_format_summary(summary))
+    _finish_loggers(trainer, summary)
     return summary["val_loss"]
+
+
+def _finish_loggers(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+    """Put the summary in the W&B run and close it, so an offline run folder is complete (and a multirun's
+    next job starts a new run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero and lg._experiment is not None:
+            lg.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if v is not None})
+            lg.experiment.finish()
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:

@@ -1,0 +1,80 @@
+"""The architecture rules of DESIGN.md, checked by parsing imports (not by convention)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "moe_plugin"
+
+FORBIDDEN_IN_LAYERS = (
+    "torch.distributed",
+    "lightning",
+    "pytorch_lightning",
+    "hydra",
+    "omegaconf",
+    "deepspeed",
+    "wandb",
+)
+VENDOR_MODULES = ("torch_npu", "torch_mlu", "torch_musa", "intel_extension_for_pytorch", "habana_frameworks")
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _py_files(sub: str) -> list[Path]:
+    return sorted((PKG / sub).rglob("*.py"))
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("path", _py_files("layers"), ids=lambda p: p.name)
+def test_layers_import_only_torch_and_layers(path: Path) -> None:
+    for name in _imports(path):
+        assert not _matches(name, FORBIDDEN_IN_LAYERS + VENDOR_MODULES), f"{path.name} imports {name}"
+        if name.startswith("moe_plugin"):
+            assert name.startswith("moe_plugin.layers"), f"{path.name} imports {name}: layers depend on nothing else"
+    source = path.read_text()
+    assert '"cuda"' not in source and "'cuda'" not in source and ".cuda(" not in source, f"{path.name} says cuda"
+
+
+def test_collectives_only_in_dispatch_and_parallel() -> None:
+    allowed = {"dispatch", "parallel", "lightning", "accelerators", "cli", "kernels"}
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        top = path.relative_to(PKG).parts[0]
+        if top in allowed:
+            continue
+        source = path.read_text()
+        for call in ("all_reduce(", "all_to_all", "all_gather(", "broadcast(", "reduce_scatter"):
+            if f"dist.{call}" in source or f"distributed.{call}" in source:
+                offenders.append(f"{path.relative_to(PKG)}: {call}")
+    assert not offenders, offenders
+
+
+def test_vendor_imports_only_in_accelerators_and_kernels() -> None:
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        top = path.relative_to(PKG).parts[0]
+        if top in ("accelerators", "kernels"):
+            continue
+        offenders += [f"{path.relative_to(PKG)}: {n}" for n in _imports(path) if _matches(n, VENDOR_MODULES)]
+    assert not offenders, offenders
+
+
+def test_layers_do_not_import_upwards() -> None:
+    for path in _py_files("dispatch"):
+        for name in _imports(path):
+            assert not _matches(name, ("moe_plugin.lightning", "moe_plugin.parallel", "lightning")), (path, name)
