@@ -60,7 +60,8 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
     except mp.ProcessRaisedException as err:
         msgs = []
         while not errq.empty():
-            msgs.append("rank %d:\n%s" % errq.get())
+            rank, text = errq.get()
+            msgs.append(f"rank {rank}:\n{text}")
         raise AssertionError("\n".join(msgs) or str(err)) from None
     finally:
         for p in pc.processes:

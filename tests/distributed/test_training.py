@@ -12,7 +12,6 @@ Reference R: plain Lightning, one process, global batch 8, 20 steps, checkpoints
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
