@@ -62,7 +62,6 @@ def train(
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.model_checkpoint.monitor=null",
         "callbacks.model_checkpoint.save_last=false",
-        "callbacks.lr_monitor=null",
         "+callbacks.recorder._target_=ep_callbacks.GlobalLossRecorder",
         f"+callbacks.recorder.path={out}/curve.jsonl",
         f"hydra.run.dir={out}",
