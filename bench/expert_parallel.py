@@ -147,7 +147,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"})
     os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_SIZE": "2", "DS_ACCELERATOR": "cpu"})
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    impls: dict[str, Callable[[bool], tuple[nn.Module, Callable[[], int]]]] = {"ours (dropless)": lambda s: _ours(args, s)}
+    impls: dict[str, Callable[[bool], tuple[nn.Module, Callable[[], int]]]] = {
+        "ours (dropless)": lambda s: _ours(args, s)
+    }
     if not args.no_deepspeed:
         import deepspeed
 
@@ -199,9 +201,13 @@ def _ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     out = {}
     ours_b, ours_s = by.get(("balanced", "ours (dropless)")), by.get(("skewed", "ours (dropless)"))
     if ("balanced", "DeepSpeed drop (cf 1.0)") in by and ours_b:
-        out["balanced: ours / DS drop (target <= 1.0)"] = round(ours_b["step_ms"] / by[("balanced", "DeepSpeed drop (cf 1.0)")]["step_ms"], 3)
+        out["balanced: ours / DS drop (target <= 1.0)"] = round(
+            ours_b["step_ms"] / by[("balanced", "DeepSpeed drop (cf 1.0)")]["step_ms"], 3
+        )
     if ("skewed", "DeepSpeed dropless") in by and ours_s:
-        out["skewed: ours / DS dropless (target <= 0.5)"] = round(ours_s["step_ms"] / by[("skewed", "DeepSpeed dropless")]["step_ms"], 3)
+        out["skewed: ours / DS dropless (target <= 0.5)"] = round(
+            ours_s["step_ms"] / by[("skewed", "DeepSpeed dropless")]["step_ms"], 3
+        )
     for routing, r in (("balanced", ours_b), ("skewed", ours_s)):
         if r:
             out[f"{routing}: ours exchange share (target <= 0.333)"] = r["exchange_share"]
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         f"MoE layer fwd+bwd, 2 gloo processes x 1 thread, {args.tokens} tokens/rank, D={args.hidden}, "
         f"F={args.ffn}, E={args.experts}, top-{args.top_k}, EP=2 (median of {args.iters}, slowest rank)"
     )
-    print(f"| routing | implementation | step ms | exchange ms | compute ms | exchange share | busiest rank's copies |")
+    print("| routing | implementation | step ms | exchange ms | compute ms | exchange share | busiest rank's copies |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(

@@ -28,10 +28,18 @@ E = 4
 
 def _trained() -> tuple[MoEDecoderLM, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = MoEDecoderLM(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, moe={"num_experts": E, "top_k": 2, "expert_hidden_size": 8})
+    model = MoEDecoderLM(
+        vocab_size=32,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        moe={"num_experts": E, "top_k": 2, "expert_hidden_size": 8},
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+    )
     for _ in range(2):
         model(torch.randint(0, 32, (2, 8))).square().mean().backward()
         opt.step()
@@ -39,7 +47,12 @@ def _trained() -> tuple[MoEDecoderLM, torch.optim.Optimizer]:
 
 
 def _full_checkpoint(model, opt) -> dict:
-    return {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "global_step": 2, "LMDataModule": {"epoch": 0, "samples": 16}}
+    return {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "global_step": 2,
+        "LMDataModule": {"epoch": 0, "samples": 16},
+    }
 
 
 def _rank_checkpoint(full: dict, experts: dict[str, tuple[int, int, int]], names: list[list[str]]) -> dict:
@@ -64,7 +77,9 @@ def _save_ep(tmp: Path, model, opt, ep: int, world: int) -> Path:
     path = tmp / "step2.ckpt"
     for rank in range(world):
         experts = _ranges(model, ep, rank % ep)
-        save_sharded(_rank_checkpoint(full, experts, names[0]), path, ShardedLayout(world, rank, ep, experts), names, torch.save)
+        save_sharded(
+            _rank_checkpoint(full, experts, names[0]), path, ShardedLayout(world, rank, ep, experts), names, torch.save
+        )
     return path
 
 

@@ -47,7 +47,10 @@ def _cfg(*overrides: str):
         (("strategy.expert_parallel_size=4", "trainer.devices=2"), ["strategy.expert_parallel_size=4", "larger"]),
         (("strategy.expert_parallel_size=2", "trainer.devices=3"), ["world size 3", "not divisible"]),
         (("strategy.expert_parallel_size=3", "trainer.devices=3"), ["model.moe.num_experts=8", "not divisible"]),
-        (("strategy.expert_parallel_size=2", "trainer.devices=2", "trainer.num_nodes=2", "model.moe.num_experts=6"), []),
+        (
+            ("strategy.expert_parallel_size=2", "trainer.devices=2", "trainer.num_nodes=2", "model.moe.num_experts=6"),
+            [],
+        ),
     ],
 )
 def test_validate_config_checks_the_layout(overrides: tuple[str, ...], words: list[str]) -> None:

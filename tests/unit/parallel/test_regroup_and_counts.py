@@ -15,7 +15,7 @@ def test_regroup_index_matches_a_loop() -> None:
         recv_RL = torch.randint(0, 4, (R, L))
         recv_RL[0, 0] = 0  # empty segments included
         # rows laid out (source r, local expert l), r-major; label each row with (l, r, position)
-        rows = [(l, r, i) for r in range(R) for l in range(L) for i in range(int(recv_RL[r, l]))]
+        rows = [(j, r, i) for r in range(R) for j in range(L) for i in range(int(recv_RL[r, j]))]
         expected = sorted(range(len(rows)), key=lambda n: (rows[n][0], rows[n][1], rows[n][2]))
         assert regroup_index(recv_RL).tolist() == expected
 
