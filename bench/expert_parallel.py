@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,19 +50,6 @@ def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
             _COLLECTIVE_SECONDS[0] += time.perf_counter() - t0
 
     return wrapper
-
-
-class SwiGLU(nn.Module):
-    """One expert, the same math as GroupedExperts: (silu(x W_g) * (x W_u)) W_d."""
-
-    def __init__(self, d: int, f: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d, f, bias=False)
-        self.up = nn.Linear(d, f, bias=False)
-        self.down = nn.Linear(f, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def _router_weight(E: int, D: int, skewed: bool) -> torch.Tensor:
@@ -103,10 +89,12 @@ def _ours(args: argparse.Namespace, skewed: bool) -> tuple[nn.Module, Callable[[
 def _deepspeed(args: argparse.Namespace, skewed: bool, drop: bool) -> tuple[nn.Module, Callable[[], int]]:
     from deepspeed.moe.layer import MoE as DSMoE
 
+    from moe_plugin.layers.feed_forward import FeedForward
+
     torch.manual_seed(0)
     layer = DSMoE(
         args.hidden,
-        SwiGLU(args.hidden, args.ffn),
+        FeedForward(args.hidden, args.ffn),  # one expert: the same SwiGLU math as GroupedExperts
         num_experts=args.experts,
         ep_size=2,
         k=args.top_k,
