@@ -69,3 +69,29 @@ def test_sharded_checkpoint_needs_the_expert_parallel_strategy(tmp_path) -> None
     cfg = compose_config(["experiment=tiny_smoke", "logger=none", f"ckpt_path={tmp_path}"])
     with pytest.raises(ConfigError, match="moe-plugin ckpt consolidate"):
         validate_config(cfg)
+
+
+def test_strategy_checks_the_layout_before_creating_the_process_group() -> None:
+    """Users who build the Trainer themselves (no validate_config) get the same error, before any rank waits."""
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+
+    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+
+    trainer = pl.Trainer(
+        strategy=ExpertParallelStrategy(expert_parallel_size=3), devices=2, accelerator="cpu", logger=False
+    )
+    with pytest.raises(LayoutError, match="strategy.expert_parallel_size=3 is larger than the world size 2"):
+        trainer.strategy.setup_environment()
+    assert not dist.is_initialized()
+
+
+def test_strategy_is_registered_by_name() -> None:
+    import lightning.pytorch as pl
+
+    import moe_plugin  # noqa: F401
+    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+
+    trainer = pl.Trainer(strategy="expert_parallel", devices=2, accelerator="cpu", logger=False)
+    assert isinstance(trainer.strategy, ExpertParallelStrategy)
+    assert trainer.strategy.expert_parallel_size == 1
