@@ -132,6 +132,9 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float, fl
 
 def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     torch.set_num_threads(1)
+    if args.json:  # DeepSpeed prints to stdout; keep stdout for the JSON document
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"})
     os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_SIZE": "2", "DS_ACCELERATOR": "cpu"})
     dist.init_process_group("gloo", rank=rank, world_size=2)
