@@ -105,3 +105,15 @@ def test_killed_rank_then_resume_at_ep4(runs: dict) -> None:
     _same_curve(K, runs["R"], range(1, 14)) if len(K.curve()) == 13 else _same_curve(K, runs["R"], range(1, 13))
     D = _ok(train(tmp, "K10_to_ep4", 4, 4, ckpt=K.checkpoint(10), timeout=420))
     _same_curve(D, runs["R"], range(11, STEPS + 1))
+
+
+def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
+    """2 micro-batches per step: expert gradients accumulate locally and are reduced once, before clipping."""
+    tmp = runs["tmp"]
+    acc = ("trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
+    ref = _ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
+    ep = _ok(train(tmp, "acc_ep2", 2, 2, extra=acc, batch_size=2))
+    want, got = ref.rows(), ep.rows()
+    assert len(want) == len(got) == 12
+    for w, g in zip(want, got):
+        assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (w, g)

@@ -28,12 +28,14 @@ class Run:
     seconds: float
     out_dir: Path
 
-    def curve(self) -> dict[int, dict[str, float]]:
+    def rows(self) -> list[dict[str, float]]:
+        """One row per training batch (micro-batch), in order."""
         path = self.out_dir / "curve.jsonl"
-        if not path.exists():
-            return {}
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return {r["step"]: r for r in rows}
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def curve(self) -> dict[int, dict[str, float]]:
+        """Rows keyed by the optimizer steps completed after the batch (1 micro-batch per step)."""
+        return {r["step"]: r for r in self.rows()}
 
     def checkpoint(self, step: int) -> Path:
         return self.out_dir / "checkpoints" / f"step{step:06d}.ckpt"
@@ -47,6 +49,7 @@ def train(
     ckpt: Path | None = None,
     extra: tuple[str, ...] = (),
     timeout: float = 300,
+    batch_size: int | None = None,
 ) -> Run:
     """ep=None: plain Lightning (strategy=auto, one process); else strategy=expert_parallel with EP=ep."""
     out = tmp / name
@@ -57,7 +60,7 @@ def train(
         "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false",
         "validate_at_end=false",
-        f"data.batch_size={GLOBAL_BATCH // world}",
+        f"data.batch_size={batch_size or GLOBAL_BATCH // world}",
         f"callbacks.model_checkpoint.every_n_train_steps={SAVE_EVERY}",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.model_checkpoint.monitor=null",
