@@ -20,6 +20,7 @@ What it adds to DDPStrategy, in the order Lightning calls it:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from datetime import timedelta
 from functools import partial
@@ -29,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from moe_plugin.layers.moe import moe_layers
 from moe_plugin.parallel.apply import ExpertParallelPlan, apply_expert_parallel
@@ -167,6 +168,32 @@ class ExpertParallelStrategy(DDPStrategy):
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         plugin._moe_plugin_clipping = True  # type: ignore[attr-defined]
 
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Every rank must run the same number of batches (each forward is collective on the expert group).
+
+        Training data is equal by construction (the samplers drop the last incomplete global batch); an
+        evaluation loader that does not pad can give some ranks one batch more. Those are cut to the
+        shortest rank's length here, with a warning, instead of hanging in the next all-to-all.
+        """
+        dataloader = super().process_dataloader(dataloader)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return dataloader
+        try:
+            n = len(dataloader)
+        except TypeError:  # no length on any rank (same loader class everywhere): nothing to compare
+            return dataloader
+        bounds = torch.tensor([n, -n], dtype=torch.int64)
+        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN)
+        shortest, longest = int(bounds[0]), -int(bounds[1])
+        if shortest == longest:
+            return dataloader
+        rank_zero_warn(
+            f"expert_parallel: ranks have between {shortest} and {longest} batches in a data loader; every rank "
+            f"runs {shortest} (the all-to-all needs the same number of forwards everywhere). Pad the sampler or "
+            "use drop_last to evaluate every sample."
+        )
+        return _FirstBatches(dataloader, shortest)
+
     # -------------------------------------------------------------------------------- gradients
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         return super().optimizer_step(optimizer, partial(self._closure_then_reduce, closure), model, **kwargs)
@@ -223,6 +250,23 @@ class ExpertParallelStrategy(DDPStrategy):
             return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
 
         return load_for_rank(checkpoint_path, self.plan.expert_params, self._optimizer_names(), load_file)
+
+
+class _FirstBatches:
+    """The first `n` batches of a data loader; other attributes are the loader's (sampler, dataset, ...)."""
+
+    def __init__(self, dataloader: Any, n: int) -> None:
+        self.dataloader = dataloader
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.dataloader), self.n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataloader, name)
 
 
 def register() -> None:

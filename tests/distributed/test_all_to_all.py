@@ -63,10 +63,25 @@ def _check(rank: int, world: int, ep: int, tokens: list[int], cold: list[int]) -
     model(x.detach()).sum().backward()
 
 
+def _check_equal_batch_counts(rank: int, world: int) -> None:
+    """Uneven evaluation loaders are cut to the shortest rank's length (else the all-to-all would hang)."""
+    from torch.utils.data import DataLoader
+
+    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+
+    strategy = ExpertParallelStrategy()
+    uneven = DataLoader(list(range(10 + rank)), batch_size=2)  # 5 batches on rank 0, 6 on rank 1, ...
+    cut = strategy.process_dataloader(uneven)
+    assert len(cut) == 5 and len(list(cut)) == 5 and cut.batch_size == 2
+    even = DataLoader(list(range(10)), batch_size=2)
+    assert strategy.process_dataloader(even) is even
+
+
 def _check_cases(rank: int, world: int, cases: list[tuple[int, list[int], list[int]]]) -> None:
     # one launch runs several layouts: process start-up (imports) dominates the cost on 2 cores
     for ep, tokens, cold in cases:
         _check(rank, world, ep, tokens, cold)
+    _check_equal_batch_counts(rank, world)
 
 
 def test_all_to_all_matches_local_2_procs() -> None:
