@@ -55,6 +55,27 @@ class _AllToAllSingle(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+class _TieGraph(torch.autograd.Function):
+    """Returns y unchanged; its backward also gives `anchor` a zero gradient.
+
+    Why: an autograd Function's backward runs only if its output is used by something requiring grad. A
+    rank whose local experts received no token may get an expert output that is not connected to the
+    received tokens (an empty result created from scratch); then that rank would skip the backward
+    all-to-alls that the other ranks enter, and the exchange pairs up wrongly or hangs. Tying the output
+    to the received tokens keeps the backward collectives identical on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y_MD: torch.Tensor, anchor_MD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.anchor_meta = (anchor_MD.shape, anchor_MD.dtype, anchor_MD.device)
+        return y_MD.view_as(y_MD)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        shape, dtype, device = ctx.anchor_meta
+        return grad_y, torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[1] else None
+
+
 def all_to_all_single_autograd(
     x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None
 ) -> torch.Tensor:
@@ -69,6 +90,7 @@ class _Exchange:
     input_splits: list[int]
     output_splits: list[int]
     regroup_M: torch.Tensor | None  # x_MD = x_received[regroup_M]; None when it is the identity
+    x_MD: torch.Tensor | None = None  # what dispatch returned (ties the two exchanges into one graph)
 
 
 def regroup_index(recv_RL: torch.Tensor) -> torch.Tensor:
@@ -136,8 +158,8 @@ class AllToAllDispatcher:
         input_splits, output_splits = splits[:ep], splits[ep:]
         x_recv = all_to_all_single_autograd(x_ND, output_splits, input_splits, self.group)
         regroup = regroup_index(recv_RL) if L > 1 else None
-        self._last = _Exchange(input_splits, output_splits, regroup)
         x_MD = x_recv[regroup] if regroup is not None else x_recv
+        self._last = _Exchange(input_splits, output_splits, regroup, x_MD)
         return x_MD, recv_RL.sum(0)
 
     def combine(self, y_MD: torch.Tensor) -> torch.Tensor:
@@ -146,6 +168,10 @@ class AllToAllDispatcher:
         ex, self._last = self._last, None
         if self.expert_parallel_size == 1:
             return y_MD
+        if torch.is_grad_enabled() and ex.x_MD is not None:
+            if not y_MD.requires_grad and not ex.x_MD.requires_grad:
+                y_MD = y_MD.detach().requires_grad_()  # the combine backward must run on every rank
+            y_MD = _TieGraph.apply(y_MD, ex.x_MD)
         if ex.regroup_M is not None:
             # y_recv[regroup[m]] = y[m]: the inverse permutation, as a gather so autograd stays a gather
             inverse_M = torch.empty_like(ex.regroup_M)
