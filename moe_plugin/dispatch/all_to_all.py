@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_plugin.dispatch.base import TokenDispatcher
+
 
 class _AllToAllSingle(torch.autograd.Function):
     """all_to_all_single with variable splits along dim 0; backward exchanges gradients the other way."""
@@ -109,11 +111,11 @@ def regroup_index(recv_RL: torch.Tensor) -> torch.Tensor:
     return starts_S[seg_M] + pos_M
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Expert-parallel token dispatcher over `group` (the expert group of the mesh, EP ranks).
 
-    Attributes follow the dispatcher interface (moe_plugin/dispatch): num_experts (global, E),
-    num_local_experts (L), local_expert_offset (first global id held here).
+    Implements moe_plugin.dispatch.base.TokenDispatcher: num_experts (global, E), num_local_experts (L),
+    local_expert_offset (first global id held here).
     """
 
     def __init__(
@@ -135,9 +137,7 @@ class AllToAllDispatcher:
                 f"local_expert_offset={local_expert_offset} does not match this rank's position {rank} in the expert "
                 f"group (expected {rank * num_local_experts})."
             )
-        self.num_experts = num_experts
-        self.num_local_experts = num_local_experts
-        self.local_expert_offset = local_expert_offset
+        super().__init__(num_experts, num_local_experts, local_expert_offset)
         self.group = group
         self.expert_parallel_size = ep
         self._last: _Exchange | None = None
@@ -180,7 +180,4 @@ class AllToAllDispatcher:
         return all_to_all_single_autograd(y_MD, ex.input_splits, ex.output_splits, self.group)
 
     def __repr__(self) -> str:
-        return (
-            f"AllToAllDispatcher(num_experts={self.num_experts}, num_local_experts={self.num_local_experts}, "
-            f"local_expert_offset={self.local_expert_offset}, expert_parallel_size={self.expert_parallel_size})"
-        )
+        return f"{super().__repr__()[:-1]}, expert_parallel_size={self.expert_parallel_size})"

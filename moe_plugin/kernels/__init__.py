@@ -1,1 +1,11 @@
-"""kernels"""
+"""Optional fast paths, each with a reference fallback. The only place (with accelerators/) for vendor choices."""
+
+from moe_plugin.kernels.grouped_mm import (
+    GroupedMM,
+    grouped_mm_backend_name,
+    grouped_mm_loop,
+    grouped_mm_torch,
+    select_grouped_mm,
+)
+
+__all__ = ["GroupedMM", "grouped_mm_backend_name", "grouped_mm_loop", "grouped_mm_torch", "select_grouped_mm"]

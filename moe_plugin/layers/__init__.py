@@ -2,7 +2,7 @@
 
 from moe_plugin.layers.attention import Attention
 from moe_plugin.layers.feed_forward import FeedForward
-from moe_plugin.layers.moe import MoE, collect_aux_losses
+from moe_plugin.layers.moe import MoE, collect_aux_losses, moe_layers, moe_start_step
 from moe_plugin.layers.norm import RMSNorm
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.layers.router import RouterOutput, TopKRouter
@@ -16,4 +16,6 @@ __all__ = [
     "RouterOutput",
     "TopKRouter",
     "collect_aux_losses",
+    "moe_layers",
+    "moe_start_step",
 ]

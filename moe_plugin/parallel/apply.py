@@ -28,25 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_plugin.dispatch.all_to_all import AllToAllDispatcher
+from moe_plugin.dispatch.reduce import AllReduceSum
 from moe_plugin.layers.moe import MoE, moe_layers
 from moe_plugin.parallel.mesh import ExpertParallelMesh, check_layout
-
-
-class SumOverGroup:
-    """Callable summing a (count) tensor over a process group; no gradient (counts carry none)."""
-
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
-
-    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
-        if not dist.is_initialized():
-            return counts
-        out = counts.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
-
-    def __repr__(self) -> str:
-        return f"SumOverGroup({self.group})"
 
 
 @dataclass
@@ -93,7 +77,7 @@ def apply_expert_parallel(
                 raise RuntimeError("apply_expert_parallel was already applied to this model with another mesh.")
             _shard_experts(layer, start, stop, mesh)
             layer.dispatcher = AllToAllDispatcher(layer.num_experts, stop - start, start, mesh.expert_group)
-            layer.count_reduce = SumOverGroup(mesh.world_group) if reduce_router_counts else None  # type: ignore[attr-defined]
+            layer.count_reduce = AllReduceSum(mesh.world_group) if reduce_router_counts else None  # type: ignore[attr-defined]
             layer._expert_parallel_mesh = mesh  # type: ignore[attr-defined]
         prefix = layer_names[id(layer)]
         prefix = f"{prefix}.experts." if prefix else "experts."

@@ -68,8 +68,12 @@ def _check(rank: int, world: int, ep: int) -> None:
         torch.testing.assert_close(
             got / world, torch.stack([stats["balance_loss"], stats["z_loss"]]), rtol=1e-5, atol=1e-6
         )
-        # load statistics are the global counts
-        assert int(layer.last_tokens_per_expert_E.sum()) == world * PER_RANK * 16 * 2
+    for layer, ref_layer in zip(moe_layers(model), moe_layers(ref)):
+        # load statistics: per-rank counts that sum (ExpertLoad reduces them) to the single-process counts
+        counts = layer.last_tokens_per_expert_E.clone()
+        assert int(counts.sum()) == PER_RANK * 16 * 2
+        dist.all_reduce(counts)
+        assert torch.equal(counts, ref_layer.last_tokens_per_expert_E)
 
     names = dict(model.named_parameters())
     ref_params = dict(ref.named_parameters())

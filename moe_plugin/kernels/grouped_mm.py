@@ -1,0 +1,134 @@
+"""Grouped matrix multiply: the seam through which routed experts run their GEMMs.
+
+Shapes: N token copies sorted by expert, E experts (local to this rank), I input features,
+O output features.
+
+    y_NO[n] = x_NI[n] @ w_EIO[e(n)]      where copy n belongs to expert e(n)
+
+The copies of expert e are the contiguous rows offs[e-1]:offs[e] with offs = cumsum(tokens_per_expert_E).
+
+Implementations, each with the same signature `(x_NI, w_EIO, tokens_per_expert_E) -> y_NO`:
+- `grouped_mm_loop`:  sort-and-loop fallback, one `torch.mm` per expert. Runs everywhere, in any dtype.
+- `grouped_mm_torch`: one `torch._grouped_mm` call (a single fused kernel on CUDA sm90+, a well-tuned
+  loop in C++ on CPU in torch >= 2.9). Its backward fails on expanded (stride-0) incoming gradients
+  such as the one `y.sum().backward()` produces, so the output passes through an identity whose
+  backward makes the gradient contiguous.
+
+`select_grouped_mm(backend, device, dtype)` picks one: "auto" takes `torch._grouped_mm` when a small
+probe with gradients succeeds on that device type and dtype (cached), otherwise the loop. This file is
+where vendor-specific kernel choices belong (a vendor's grouped GEMM goes here as another backend), so
+the layers never know which device they run on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+BACKENDS = ("auto", "torch", "loop")
+
+
+def grouped_mm_loop(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Reference/fallback: one matmul per expert over its contiguous slice of copies."""
+    counts = tokens_per_expert_E.tolist()
+    if sum(counts) != x_NI.shape[0]:
+        raise ValueError(f"tokens_per_expert sums to {sum(counts)} but x has {x_NI.shape[0]} rows.")
+    out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[-1])
+    if x_NI.shape[0] == 0:
+        # Keep the graph connected so that w gets a (zero) gradient on a rank with no tokens.
+        return out_NO.zero_() + 0.0 * w_EIO.sum()
+    outputs = [x_nI @ w_EIO[e] for e, x_nI in enumerate(torch.split(x_NI, counts, dim=0)) if counts[e] > 0]
+    return torch.cat(outputs, dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (torch._grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad_y.contiguous()
+
+
+def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` with offsets = cumsum(tokens_per_expert); rows past the last offset are
+    undefined in its output, so the counts must cover every row (checked by the caller's invariant).
+
+    torch._grouped_mm needs every row stride to be a multiple of 16 bytes (I and O features times the
+    element size); other shapes, and an empty batch, go through the loop.
+    """
+    if x_NI.shape[0] == 0 or not _aligned(x_NI, w_EIO):
+        return grouped_mm_loop(x_NI, w_EIO, tokens_per_expert_E)
+    offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+    y_NO = torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offs_E)
+    return _ContiguousGrad.apply(y_NO) if y_NO.requires_grad else y_NO
+
+
+def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    size = x_NI.element_size()
+    return (w_EIO.shape[-2] * size) % 16 == 0 and (w_EIO.shape[-1] * size) % 16 == 0
+
+
+@functools.cache
+def _torch_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe forward and backward (with an empty group) against the loop on a tiny problem."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        # Independent of the caller's context: no_grad, inference mode, a default device (models are
+        # built under `with torch.device("meta")` for inspection).
+        with torch.enable_grad(), torch.inference_mode(False), torch.device(device_type):
+            return _probe(device_type, dtype)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
+    w = torch.randn(3, 16, 16, generator=gen).to(device=device_type, dtype=dtype).requires_grad_()
+    counts = torch.tensor([5, 0, 7], device=device_type)
+    y = grouped_mm_torch(x, w, counts)
+    y.sum().backward()
+    ref = grouped_mm_loop(x.detach(), w.detach(), counts)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(y.detach().float(), ref.float(), atol=tol, rtol=tol)) and w.grad is not None
+
+
+def check_backend(backend: str) -> None:
+    """Validate a backend name without probing (cheap; safe on meta devices)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_mm_backend={backend!r} is not one of {BACKENDS}; use 'auto' unless debugging.")
+
+
+def select_grouped_mm(
+    backend: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> GroupedMM:
+    """The grouped-matmul implementation for `backend` on `device`/`dtype`.
+
+    "auto": torch._grouped_mm when it works there (probed once per device type and dtype), else the loop.
+    "torch": torch._grouped_mm, error if it does not work there. "loop": the fallback.
+    """
+    check_backend(backend)
+    device_type = torch.device(device).type
+    if backend == "loop":
+        return grouped_mm_loop
+    works = _torch_grouped_mm_works(device_type, dtype)
+    if backend == "torch" and not works:
+        raise ValueError(
+            f"grouped_mm_backend='torch' but torch._grouped_mm does not work on {device_type} with {dtype} in "
+            f"torch {torch.__version__}; set grouped_mm_backend='auto' or 'loop'."
+        )
+    return grouped_mm_torch if works else grouped_mm_loop
+
+
+def grouped_mm_backend_name(fn: GroupedMM) -> str:
+    """Human-readable name of an implementation (for `moe-plugin doctor` and logs)."""
+    return {grouped_mm_torch: "torch._grouped_mm", grouped_mm_loop: "loop"}.get(fn, getattr(fn, "__name__", "custom"))
