@@ -182,9 +182,10 @@ class ExpertLoad(Callback):
         self.history.append(
             {"step": step, "load_share": share, "max_over_mean": [max(row) if row else 0.0 for row in share]}
         )
+        folder = self._folder(trainer)  # on every rank: trainer.log_dir is a collective (broadcast) under DDP
         if not trainer.is_global_zero:
             return
-        path = os.path.join(self._folder(trainer), f"step_{step:07d}.png")
+        path = os.path.join(folder, f"step_{step:07d}.png")
         render_heatmap(self.history, path)
         self.heatmap_paths.append(path)
         for logger in trainer.loggers:
