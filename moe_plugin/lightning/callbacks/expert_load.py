@@ -116,8 +116,9 @@ class ExpertLoad(Callback):
         layers = moe_layers(pl_module)
         if self.heatmap_at_end and layers and trainer.global_step != self._last_heatmap_step:
             self._snapshot_heatmap(trainer, layers, trainer.global_step)
+        if self.history:
+            folder = self._folder(trainer)  # every rank: trainer.log_dir broadcasts under DDP
         if trainer.is_global_zero and self.history:
-            folder = self._folder(trainer)
             with open(os.path.join(folder, "history.json"), "w") as f:
                 json.dump(self.history, f)
 
