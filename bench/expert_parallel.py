@@ -8,8 +8,9 @@ Each of 2 processes (1 thread each, gloo, DS_ACCELERATOR=cpu) runs forward+backw
 its own tokens, for every implementation in turn inside the same iteration (interleaved, so machine
 load hits all of them alike). Reported per routing:
 - step: median over iterations of the SLOWEST rank's forward+backward time (ms);
-- exchange: the slowest rank's time inside collectives (all_to_all_single, all_reduce; includes
-  waiting for the other rank), and its share of the step; compute = step - exchange;
+- exchange: time inside collectives (all_to_all_single, all_reduce) of the rank that waited least (the
+  critical path: the others' extra collective time is waiting for it, i.e. load imbalance), and its
+  share of the step; compute = step - exchange;
 - copies: token copies the busiest rank's experts computed (padding included).
 Routing is shared by all implementations (same router weights, deterministic top-2 for DeepSpeed):
 - balanced: random router, inputs N(0, 1);
@@ -163,10 +164,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
                 stats = torch.tensor([step, exchange, float(copies())], dtype=torch.float64)
                 gathered = [torch.zeros_like(stats) for _ in range(2)]
                 dist.all_gather(gathered, stats)
-                slowest = max(gathered, key=lambda t: t[0].item())
+                # step: the slowest rank's. exchange: the time in collectives of the rank that waited least
+                # (the critical path); the other ranks' extra time in collectives is waiting for it
+                # (load imbalance), which shows up in the step time, not as exchange cost.
+                step = max(t[0].item() for t in gathered)
+                exchange = min(t[1].item() for t in gathered)
                 busiest = max(t[2].item() for t in gathered)
                 if it >= args.warmup:
-                    samples[name].append((slowest[0].item(), slowest[1].item(), busiest, int(busiest)))
+                    samples[name].append((step, exchange, busiest, int(busiest)))
         for name, rows in samples.items():
             step = statistics.median(r[0] for r in rows) * 1e3
             exchange = statistics.median(r[1] for r in rows) * 1e3
