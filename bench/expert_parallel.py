@@ -73,7 +73,15 @@ def _ours(args: argparse.Namespace, skewed: bool) -> tuple[nn.Module, Callable[[
     from moe_plugin.parallel.mesh import build_expert_parallel_mesh
 
     torch.manual_seed(0)
-    layer = MoE(args.hidden, args.experts, args.top_k, args.ffn, aux_loss_coef=0.01, z_loss_coef=1e-4)
+    layer = MoE(
+        args.hidden,
+        args.experts,
+        args.top_k,
+        args.ffn,
+        aux_loss_coef=0.01,
+        z_loss_coef=1e-4,
+        grouped_mm_backend=args.grouped_mm_backend,
+    )
     with torch.no_grad():
         layer.router.weight.copy_(_router_weight(args.experts, args.hidden, skewed))
     apply_expert_parallel(layer, build_expert_parallel_mesh(2))
@@ -219,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--grouped-mm-backend", default="auto", help="model.moe.grouped_mm_backend for ours")
     p.add_argument("--no-deepspeed", action="store_true", help="time ours only")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
