@@ -1,10 +1,16 @@
 """moe_plugin: Mixture-of-Experts training with expert parallelism for PyTorch Lightning."""
 
+from moe_plugin.accelerators.lightning_accelerators import register_all as _register_accelerators
 from moe_plugin.layers.moe import MoE, collect_aux_losses
 from moe_plugin.lightning.strategy import ExpertParallelStrategy
 from moe_plugin.lightning.strategy import register as _register_strategy
 
 _register_strategy()  # Trainer(strategy="expert_parallel")
+
+# Lightning has no entry-point discovery: our accelerators (npu, xpu, mlu, musa) and their
+# strategies (single_<type>, ddp_<type>) are registered by name when the package is imported.
+# Registration only touches the registries (no device detection, no vendor import).
+_register_accelerators()
 
 __version__ = "0.1.0"
 

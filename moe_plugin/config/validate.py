@@ -219,4 +219,19 @@ def validate_config(cfg: DictConfig) -> None:
         node = cfg.get(key)
         if node is not None and not isinstance(node, DictConfig):
             raise ConfigError(f"{key}={node!r} must be a config group choice like {key}=cpu, not a bare value.")
+    if isinstance(cfg.get("accelerator"), DictConfig):
+        # Fail fast, before any data or model is built, when the requested vendor is absent.
+        from moe_plugin.accelerators import select_vendor
+
+        try:
+            select_vendor(cfg.accelerator.get("name", "auto"))
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+    if isinstance(cfg.get("hardware"), DictConfig):
+        from moe_plugin.accelerators.catalog import check_hardware_config
+
+        try:
+            check_hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _layout_rules(cfg)

@@ -96,11 +96,12 @@ def unpermute(y_ND: torch.Tensor, probs_TK: torch.Tensor, state: PermuteState) -
     """out_TD[t] = sum_k probs_TK[t, k] * y_ND[copy of (t, k)]; dropped copies contribute nothing."""
     if state.dropless:
         # One fused gather-weight-sum (embedding_bag with per-sample weights): each token's K copies form
-        # a bag. Avoids materialising y * w (N x D) and the index_add; its backward is equally fused.
-        sorted_pos_TK = torch.empty_like(state.order_N)
-        sorted_pos_TK[state.order_N] = torch.arange(state.order_N.numel(), device=state.order_N.device)
+        # a bag. No N x D temporary for y * w and no index_add; its backward is a fused kernel too
+        # (a hand-written backward of gather + multiply + dot was slower and used 2.5x the memory on CPU).
+        sorted_pos_N = torch.empty_like(state.order_N)
+        sorted_pos_N[state.order_N] = torch.arange(state.order_N.numel(), device=state.order_N.device)
         return F.embedding_bag(
-            sorted_pos_TK.view(state.num_tokens, state.top_k),
+            sorted_pos_N.view(state.num_tokens, state.top_k),
             y_ND,
             per_sample_weights=probs_TK.to(y_ND.dtype),
             mode="sum",

@@ -12,10 +12,37 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from moe_plugin.config.validate import ConfigError
 
-def resolve_accelerator(cfg: DictConfig) -> Any:
-    """The `accelerator` Trainer argument for `cfg.accelerator`."""
-    return cfg.accelerator.get("name", "cpu") if cfg.get("accelerator") else "cpu"
+
+def resolve_accelerator(
+    cfg: DictConfig, trainer_kwargs: dict[str, Any] | None = None, strategy: Any = None
+) -> dict[str, Any]:
+    """Trainer arguments for `cfg.accelerator` (vendor, devices, strategy, precision plugin).
+
+    Vendor-aware (moe_plugin.accelerators.resolve): `auto` picks the detected vendor, a missing vendor
+    fails fast listing what was detected, and npu/xpu/mlu/musa get their own single-device/DDP
+    strategy and an AMP plugin on their device type instead of Lightning's CUDA defaults.
+    """
+    from moe_plugin.accelerators import AcceleratorNotFoundError
+    from moe_plugin.accelerators import resolve_accelerator as resolve_vendor
+
+    name = cfg.accelerator.get("name", "auto") if cfg.get("accelerator") else "auto"
+    if trainer_kwargs is None:
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
+    if strategy is None:
+        strategy = resolve_strategy(cfg)
+    try:
+        resolved = resolve_vendor(
+            name,
+            devices=trainer_kwargs.get("devices", "auto"),
+            strategy=strategy,
+            precision=trainer_kwargs.get("precision"),
+            num_nodes=int(trainer_kwargs.get("num_nodes", 1)),
+        )
+    except (AcceleratorNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    return resolved.trainer_kwargs
 
 
 def resolve_strategy(cfg: DictConfig) -> Any:
@@ -42,9 +69,8 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
+    kwargs.update(resolve_accelerator(cfg, kwargs, resolve_strategy(cfg)))
     return pl.Trainer(
-        accelerator=resolve_accelerator(cfg),
-        strategy=resolve_strategy(cfg),
         callbacks=callbacks,
         logger=loggers if loggers else False,
         **kwargs,

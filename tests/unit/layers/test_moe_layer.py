@@ -250,3 +250,32 @@ def test_activation_checkpoint_recompute_is_not_counted_twice():
     (y.sum() + aux).backward()
     assert m.total_tokens_per_expert_E.sum() == 12 and m.step_tokens_per_expert_E.sum() == 12
     assert m.router.weight.grad is not None
+
+
+@pytest.mark.parametrize("tokens", [4, 400])  # few copies: separate gate/up GEMMs; many: one fused GEMM
+def test_fused_and_separate_gate_up_match_reference(tokens):
+    from moe_plugin.layers.experts import fuse_gate_up
+
+    m = _layer()
+    assert fuse_gate_up(8, 16, tokens * 2) == (tokens == 400)
+    x = torch.randn(tokens, 16)
+    _assert_same(_grads(m, x, lambda m, x: m(x)), _grads(m, x, dense_moe_reference))
+
+
+def test_combine_gradients_match_reference_unpermute():
+    from moe_plugin.layers.permute import permute, unpermute, unpermute_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 5)
+    ids = torch.randint(0, 4, (9, 3))
+    p = permute(x, ids, 4)
+    y1 = torch.randn(27, 5, requires_grad=True)
+    w1 = torch.rand(9, 3, requires_grad=True)
+    y2, w2 = y1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
+    g = torch.randn(9, 5)
+    out1, out2 = unpermute(y1, w1, p.state), unpermute_reference(y2, w2, p.state)
+    torch.testing.assert_close(out1, out2, **TOL)
+    out1.backward(g)
+    out2.backward(g)
+    torch.testing.assert_close(y1.grad, y2.grad, **TOL)
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL)
