@@ -1,6 +1,7 @@
 """moe_plugin: Mixture-of-Experts training with expert parallelism for PyTorch Lightning."""
 
 from moe_plugin.accelerators.lightning_accelerators import register_all as _register_accelerators
+from moe_plugin.convert import moefy
 from moe_plugin.layers.moe import MoE, collect_aux_losses
 from moe_plugin.lightning.strategy import ExpertParallelStrategy
 from moe_plugin.lightning.strategy import register as _register_strategy
@@ -14,4 +15,4 @@ _register_accelerators()
 
 __version__ = "0.1.0"
 
-__all__ = ["ExpertParallelStrategy", "MoE", "collect_aux_losses", "__version__"]
+__all__ = ["ExpertParallelStrategy", "MoE", "collect_aux_losses", "moefy", "__version__"]

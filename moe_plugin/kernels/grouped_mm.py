@@ -64,11 +64,27 @@ def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_
     torch._grouped_mm needs every row stride to be a multiple of 16 bytes (I and O features times the
     element size); other shapes, and an empty batch, go through the loop.
     """
+    x_NI, w_EIO = _autocast_inputs(x_NI, w_EIO)
     if x_NI.shape[0] == 0 or not _aligned(x_NI, w_EIO):
         return grouped_mm_loop(x_NI, w_EIO, tokens_per_expert_E)
     offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
     y_NO = torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offs_E)
     return _ContiguousGrad.apply(y_NO) if y_NO.requires_grad else y_NO
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: the autocast dtype when autocast is on for x's device."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _autocast_inputs(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch._grouped_mm is not an autocast op: cast by hand so it computes in the same dtype as the loop
+    (whose `@` autocast does cast), and both paths agree under mixed precision."""
+    dtype = compute_dtype(x_NI)
+    return (x_NI.to(dtype), w_EIO.to(dtype)) if x_NI.dtype != dtype or w_EIO.dtype != dtype else (x_NI, w_EIO)
 
 
 def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
@@ -82,9 +98,15 @@ def _torch_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        # Independent of the caller's context: no_grad, inference mode, a default device (models are
-        # built under `with torch.device("meta")` for inspection).
-        with torch.enable_grad(), torch.inference_mode(False), torch.device(device_type):
+        # Independent of the caller's context: no_grad, inference mode, autocast (a failure there would be
+        # cached for the whole process), a default device (models are built under `with torch.device("meta")`
+        # for inspection).
+        with (
+            torch.enable_grad(),
+            torch.inference_mode(False),
+            torch.autocast(device_type, enabled=False),
+            torch.device(device_type),
+        ):
             return _probe(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, select_grouped_mm
+from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, select_grouped_mm
 
 
 class GroupedExperts(nn.Module):
@@ -58,7 +58,7 @@ class GroupedExperts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def grouped_mm(self, x: torch.Tensor) -> GroupedMM:
-        return select_grouped_mm(self.grouped_mm_backend, x.device, x.dtype)
+        return select_grouped_mm(self.grouped_mm_backend, x.device, compute_dtype(x))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if tokens_per_expert_E.shape != (self.num_experts,):

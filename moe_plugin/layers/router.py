@@ -99,7 +99,12 @@ class TopKRouter(nn.Module):
         )
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        x_TD = x_TD.float()
+        # Routing decisions are made in float32 even under mixed precision: autocast would otherwise run
+        # the gate projection in bf16/fp16 although the inputs were cast up.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD.float())
+
+    def _route(self, x_TD: torch.Tensor) -> RouterOutput:
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = F.linear(x_TD, self.weight.float())

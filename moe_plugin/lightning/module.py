@@ -18,6 +18,9 @@ from moe_plugin.lightning.schedules import lr_multiplier
 
 
 class MoELanguageModule(pl.LightningModule):
+    # tells MoEAuxLoss (lightning/mixin.py) that this module already adds the auxiliary losses itself
+    adds_moe_aux_losses = True
+
     def __init__(
         self,
         model: nn.Module,

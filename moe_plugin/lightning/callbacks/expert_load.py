@@ -87,9 +87,13 @@ class ExpertLoad(Callback):
         self._heatmap_windows: list[_Window] = []
         self._last_logged_step = -1
         self._last_heatmap_step = -1
+        self._root: str | None = None
 
     # ---------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank 0 under DDP-style strategies: resolve it here, on every rank,
+        # not later inside a rank-0-only branch (rank 0 alone in a collective crashes or hangs the run).
+        self._root = trainer.log_dir or trainer.default_root_dir
         layers = moe_layers(pl_module)
         self._log_windows = [_Window() for _ in layers]
         self._heatmap_windows = [_Window() for _ in layers]
@@ -193,9 +197,8 @@ class ExpertLoad(Callback):
             if isinstance(logger, WandbLogger):  # log_image wraps the PNG in wandb.Image, keyed by global step
                 logger.log_image(key=f"{self.prefix}/expert_load_heatmap", images=[path], step=step)
 
-    @staticmethod
-    def _folder(trainer: Trainer) -> str:
-        root = trainer.log_dir or trainer.default_root_dir
+    def _folder(self, trainer: Trainer) -> str:
+        root = self._root or trainer.default_root_dir
         folder = os.path.join(root, "expert_load")
         os.makedirs(folder, exist_ok=True)
         return folder

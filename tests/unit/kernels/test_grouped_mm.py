@@ -103,3 +103,22 @@ def test_probe_is_independent_of_grad_mode():
     _torch_grouped_mm_works.cache_clear()
     with torch.device("meta"):  # models are built on meta for `moe-plugin inspect`
         assert _torch_grouped_mm_works("cpu", torch.float32)
+
+
+def test_torch_path_matches_loop_under_autocast_and_probe_survives_it() -> None:
+    import torch
+
+    from moe_plugin.kernels import grouped_mm as gm
+
+    gm._torch_grouped_mm_works.cache_clear()
+    torch.manual_seed(0)
+    x = torch.randn(20, 16, requires_grad=True)
+    w = torch.randn(3, 16, 32, requires_grad=True)
+    counts = torch.tensor([7, 0, 13])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fn = gm.select_grouped_mm("auto", "cpu", gm.compute_dtype(x))  # probing inside autocast
+        y_fast = gm.grouped_mm_torch(x, w, counts)
+        y_loop = gm.grouped_mm_loop(x, w, counts)
+    assert fn is gm.grouped_mm_torch  # the probe was not poisoned by the caller's autocast
+    assert y_fast.dtype == y_loop.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_loop.float(), atol=0.05, rtol=0.02)

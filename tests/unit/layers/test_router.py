@@ -89,3 +89,19 @@ def test_gradient_flows_to_router_through_probs():
     r = _router()
     r(torch.randn(4, 8)).probs_TK[:, 0].sum().backward()
     assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+def test_router_math_is_float32_under_autocast() -> None:
+    import torch
+
+    from moe_plugin.layers.router import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(32, 8, 2)
+    x = torch.randn(64, 32)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x)
+    assert out.logits_TE.dtype == torch.float32 and out.scores_TE.dtype == torch.float32
+    torch.testing.assert_close(out.logits_TE, ref.logits_TE)
+    assert torch.equal(out.topk_ids_TK, ref.topk_ids_TK)
