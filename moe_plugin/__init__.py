@@ -4,6 +4,10 @@ from moe_plugin.accelerators.lightning_accelerators import register_all as _regi
 from moe_plugin.config.resolvers import register_resolvers
 from moe_plugin.convert import moefy
 from moe_plugin.layers.moe import MoE, collect_aux_losses
+from moe_plugin.lightning.strategy import ExpertParallelStrategy
+from moe_plugin.lightning.strategy import register as _register_strategy
+
+_register_strategy()  # Trainer(strategy="expert_parallel")
 
 # Lightning has no entry-point discovery: our accelerators (npu, xpu, mlu, musa) and their
 # strategies (single_<type>, ddp_<type>) are registered by name when the package is imported.
@@ -13,4 +17,4 @@ register_resolvers()  # ${moe_run_id:...} in conf/hydra/default.yaml
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "collect_aux_losses", "moefy", "__version__"]
+__all__ = ["ExpertParallelStrategy", "MoE", "collect_aux_losses", "moefy", "__version__"]

@@ -142,6 +142,54 @@ def _model_rules(m: DictConfig) -> None:
         raise ConfigError(f"model.moe.top_k={k} must be between 1 and model.moe.num_experts={e}.")
 
 
+def _world_size(cfg: DictConfig) -> int | None:
+    """trainer.devices x trainer.num_nodes when both are known numbers (None for "auto", -1, ...)."""
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if isinstance(devices, (list, ListConfig)):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
+def _layout_rules(cfg: DictConfig) -> None:
+    """Expert-parallel layout (strategy.expert_parallel_size vs world size and experts), before any launch."""
+    import os
+
+    strategy = cfg.get("strategy")
+    ep = strategy.get("expert_parallel_size") if isinstance(strategy, DictConfig) else None
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and os.path.isdir(str(ckpt)) and ep is None:
+        raise ConfigError(
+            f"ckpt_path={ckpt} is a sharded expert-parallel checkpoint (a directory), which strategy "
+            f"{strategy.get('name', strategy.get('_target_')) if strategy else None!r} cannot load. Resume with "
+            "strategy=expert_parallel (any strategy.expert_parallel_size, trainer.devices=1 works), or convert it "
+            "first: moe-plugin ckpt consolidate PATH OUT.ckpt, then ckpt_path=OUT.ckpt."
+        )
+    if ep is None:
+        return
+    if not isinstance(ep, int) or isinstance(ep, bool):
+        raise ConfigError(f"strategy.expert_parallel_size={ep!r} must be an integer >= 1.")
+    from moe_plugin.parallel.mesh import LayoutError, check_layout
+
+    moe = (cfg.get("model") or {}).get("moe") or {}
+    num_experts = moe.get("num_experts")
+    if num_experts is None:  # the MoE layer's default
+        import inspect as _inspect
+
+        from moe_plugin.layers.moe import MoE
+
+        num_experts = _inspect.signature(MoE).parameters["num_experts"].default
+    world = _world_size(cfg)
+    try:
+        check_layout(world if world is not None else ep, ep, [num_experts])
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first problem found. Cheap: builds nothing."""
     from moe_plugin.config.schema import PathsConfig, TopConfig
@@ -186,3 +234,4 @@ def validate_config(cfg: DictConfig) -> None:
             check_hardware_config(OmegaConf.to_container(cfg.hardware, resolve=True))  # type: ignore[arg-type]
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    _layout_rules(cfg)

@@ -15,7 +15,9 @@ Auxiliary losses (losses.py): after each forward the layer keeps
     aux_loss = aux_loss_coef * L_balance + z_loss_coef * L_z
 with a graph, and `collect_aux_losses(model)` sums them over a model for the training loss. L_balance is
 per micro-batch (Switch), per sequence (DeepSeek-V3) or per global batch (counts summed over the
-optimizer step's micro-batches and, through `count_reduce`, over data-parallel ranks).
+optimizer step's micro-batches and, through `count_reduce`, over data-parallel ranks). When
+`count_reduce` is set (expert parallelism sets it), the micro-batch loss also uses counts summed over
+ranks: the loss of the global micro-batch, equal to one process's on the same global batch.
 
 Cheap statistics, all detached tensors (no host sync), for the ExpertLoad callback:
     last_tokens_per_expert_E, last_dropped, last_num_copies, last_losses {balance_loss, z_loss, router_entropy}
@@ -261,8 +263,10 @@ class MoE(nn.Module):
         if self.balance_loss_type == "global_batch":
             if self.training and torch.is_grad_enabled() and self.step_tokens_per_expert_E is not None:
                 counts_E = self.step_tokens_per_expert_E
-            if self.count_reduce is not None:
-                counts_E = self.count_reduce(counts_E)
+        if self.count_reduce is not None:
+            # summed over data-parallel ranks: the micro-batch loss of the GLOBAL micro-batch (what one
+            # process computes on the same global batch), or the global-batch loss
+            counts_E = self.count_reduce(counts_E)
         return load_balancing_loss(scores_TE, counts_E)
 
     def _warn_if_undriven(self) -> None:

@@ -120,8 +120,9 @@ class ExpertLoad(Callback):
         layers = moe_layers(pl_module)
         if self.heatmap_at_end and layers and trainer.global_step != self._last_heatmap_step:
             self._snapshot_heatmap(trainer, layers, trainer.global_step)
+        if self.history:
+            folder = self._folder(trainer)  # every rank: trainer.log_dir broadcasts under DDP
         if trainer.is_global_zero and self.history:
-            folder = self._folder(trainer)
             with open(os.path.join(folder, "history.json"), "w") as f:
                 json.dump(self.history, f)
 
@@ -186,9 +187,10 @@ class ExpertLoad(Callback):
         self.history.append(
             {"step": step, "load_share": share, "max_over_mean": [max(row) if row else 0.0 for row in share]}
         )
+        folder = self._folder(trainer)  # on every rank: trainer.log_dir is a collective (broadcast) under DDP
         if not trainer.is_global_zero:
             return
-        path = os.path.join(self._folder(trainer), f"step_{step:07d}.png")
+        path = os.path.join(folder, f"step_{step:07d}.png")
         render_heatmap(self.history, path)
         self.heatmap_paths.append(path)
         for logger in trainer.loggers:

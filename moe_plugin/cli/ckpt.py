@@ -1,0 +1,93 @@
+"""`moe-plugin ckpt inspect PATH [--json]` and `moe-plugin ckpt consolidate PATH OUT`.
+
+inspect:     layout (EP, world size, experts per layer, shard files), step, epoch, data position and
+             validity (checksums, missing shards) of a sharded directory or a plain checkpoint file.
+             Reads meta.pt only.
+consolidate: a sharded expert-parallel checkpoint directory -> one plain Lightning checkpoint file
+             with every expert and the full optimizer state, for a single device, export, or plain
+             Lightning training (`ckpt_path=OUT` with any strategy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_plugin.parallel.checkpoint import CheckpointFormatError, consolidate, describe
+
+HELP = "Inspect or consolidate checkpoints (sharded expert-parallel directories or plain files)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="ckpt_command", required=True)
+    p = sub.add_parser("inspect", help="layout, step, data position and validity of a checkpoint")
+    p.add_argument("path", help="checkpoint directory (sharded) or file (plain)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    c = sub.add_parser("consolidate", help="sharded directory -> one plain checkpoint file")
+    c.add_argument("path", help="sharded checkpoint directory")
+    c.add_argument("out", help="output file, e.g. model.ckpt")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _load(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _validity(path: Path) -> dict[str, Any]:
+    """Checksums and completeness via the reliability layer's checker when it is installed."""
+    try:
+        from moe_plugin.lightning.checkpoint_io import check_checkpoint  # type: ignore[attr-defined]
+    except ImportError:
+        return {"valid": None, "reason": "checksum checker not available (moe_plugin.lightning.checkpoint_io)"}
+    check = check_checkpoint(path)
+    return {"valid": bool(check.valid), "reason": str(check.reason)}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        print(f"moe-plugin ckpt inspect: {path} does not exist.")
+        return 2
+    info = describe(path, _load)
+    info.update(_validity(path))
+    if info.get("missing_files"):
+        info["valid"] = False
+        info["reason"] = f"missing shard files: {info['missing_files']}"
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0 if info.get("valid") is not False else 1
+    print(f"checkpoint      {info['path']}  ({info['kind']})")
+    print(f"step / epoch    {info['global_step']} / {info['epoch']}   data position {info['data_position']}")
+    print(f"dense           {info['dense_tensors']} tensors, {info['dense_parameters']:,} values")
+    print(f"optimizers      {info['optimizers']}   lr schedulers {info['lr_schedulers']}")
+    if info["kind"] == "sharded":
+        print(f"layout          EP={info['expert_parallel_size']} on world size {info['world_size']}")
+        per_layer = sorted(set(info["num_experts"].values()))
+        print(f"experts         {len(info['num_experts'])} MoE layers, {per_layer} experts per layer")
+        print(f"shards          {', '.join(info['shard_files'])}")
+    print(f"valid           {info['valid']}  ({info['reason']})")
+    return 0 if info.get("valid") is not False else 1
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    try:
+        full = consolidate(args.path, _load)
+    except CheckpointFormatError as err:
+        print(f"moe-plugin ckpt consolidate: {err}")
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(full, out)
+    summary = {"out": str(out), "bytes": out.stat().st_size, "global_step": full.get("global_step")}
+    print(
+        json.dumps(summary) if args.json else f"wrote {out} ({summary['bytes']:,} bytes, step {summary['global_step']})"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _inspect(args) if args.ckpt_command == "inspect" else _consolidate(args)
