@@ -14,3 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _finish_open_wandb_run():
+    """A W&B run left open by one test would be reused by the next WandbLogger (writing elsewhere)."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
