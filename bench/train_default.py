@@ -66,7 +66,9 @@ def main() -> int:
     print(f"{'quantity':<16}{'measured':>12}{'limit':>10}{'ratio':>8}")
     for k in LIMITS:
         print(f"{k:<16}{measured[k]:>12.3f}{LIMITS[k]:>10.2f}{result['ratio_to_limit'][k]:>8.2f}")
-    print(f"steps {summary['steps']}, tokens {summary['tokens']:,}, tokens/s (training steps) {summary['tokens_per_second']:,.0f}")
+    print(
+        f"steps {summary['steps']}, tokens {summary['tokens']:,}, tokens/s (training steps) {summary['tokens_per_second']:,.0f}"
+    )
     for part, seconds in result["time_split_seconds"].items():
         print(f"  {part:<45}{seconds:8.1f} s")
     if args.json:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,7 +61,7 @@ def run(cfg: DictConfig) -> float | None:
             {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         )
 
-    counts = count_parameters(module.model)
+    counts = _whole_model_counts(cfg, module)
     summary = {
         "val_loss": metrics.get("val/loss"),
         "train_loss": metrics.get("train/loss"),
@@ -91,6 +92,16 @@ def _finish_loggers(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero and lg._experiment is not None:
             lg.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if v is not None})
             lg.experiment.finish()
+
+
+def _whole_model_counts(cfg: DictConfig, module: MoELanguageModule) -> Any:
+    """Counts of the whole model: under expert parallelism a rank holds only its experts, so count a meta-device
+    copy built from the same config (no memory)."""
+    try:
+        with torch.device("meta"):
+            return count_parameters(instantiate(cfg.model, _convert_="partial"))
+    except Exception:  # a model class that cannot be built on meta: the local module is the best we have
+        return count_parameters(module.model)
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:

@@ -4,7 +4,7 @@
     Trainer(strategy=ExpertParallelStrategy(expert_parallel_size=2), devices=4)
     python train.py strategy=expert_parallel strategy.expert_parallel_size=2 trainer.devices=2
 
-What it adds to DDPStrategy, in the order Lightning calls it:
+What it adds to DDP (VendorDDPStrategy: the vendor backend, no CUDA-only stream), in the order Lightning calls it:
 - setup_environment: checks the layout (world % EP, EP <= world, num_experts % EP) BEFORE creating the
   process group, so a bad layout fails on every rank without anyone waiting; then init_process_group
   (backend from the vendor layer, `timeout_seconds` on every group) and the (data, expert) mesh.
@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from moe_plugin.accelerators.lightning_accelerators import VendorDDPStrategy
 from moe_plugin.layers.moe import moe_layers
 from moe_plugin.parallel.apply import ExpertParallelPlan, apply_expert_parallel
 from moe_plugin.parallel.checkpoint import (
@@ -60,7 +61,7 @@ def collective_backend(device_type: str) -> str:
     return default_backend(device_type)
 
 
-class ExpertParallelStrategy(DDPStrategy):
+class ExpertParallelStrategy(VendorDDPStrategy):
     strategy_name = "expert_parallel"
 
     def __init__(
