@@ -120,10 +120,8 @@ class ExpertLoad(Callback):
         layers = moe_layers(pl_module)
         if self.heatmap_at_end and layers and trainer.global_step != self._last_heatmap_step:
             self._snapshot_heatmap(trainer, layers, trainer.global_step)
-        if self.history:
-            folder = self._folder(trainer)  # every rank: trainer.log_dir broadcasts under DDP
         if trainer.is_global_zero and self.history:
-            with open(os.path.join(folder, "history.json"), "w") as f:
+            with open(os.path.join(self._folder(trainer), "history.json"), "w") as f:
                 json.dump(self.history, f)
 
     # -------------------------------------------------------------------------------------- metrics
@@ -187,10 +185,9 @@ class ExpertLoad(Callback):
         self.history.append(
             {"step": step, "load_share": share, "max_over_mean": [max(row) if row else 0.0 for row in share]}
         )
-        folder = self._folder(trainer)  # on every rank: trainer.log_dir is a collective (broadcast) under DDP
         if not trainer.is_global_zero:
             return
-        path = os.path.join(folder, f"step_{step:07d}.png")
+        path = os.path.join(self._folder(trainer), f"step_{step:07d}.png")
         render_heatmap(self.history, path)
         self.heatmap_paths.append(path)
         for logger in trainer.loggers:
@@ -198,8 +195,8 @@ class ExpertLoad(Callback):
                 logger.log_image(key=f"{self.prefix}/expert_load_heatmap", images=[path], step=step)
 
     def _folder(self, trainer: Trainer) -> str:
-        root = self._root or trainer.default_root_dir
-        folder = os.path.join(root, "expert_load")
+        """<run folder>/expert_load; the run folder was resolved on every rank in on_train_start (no collective here)."""
+        folder = os.path.join(self._root or trainer.default_root_dir, "expert_load")
         os.makedirs(folder, exist_ok=True)
         return folder
 
