@@ -78,7 +78,7 @@ def _check_equal_batch_counts(rank: int, world: int) -> None:
     """Uneven evaluation loaders are cut to the shortest rank's length (else the all-to-all would hang)."""
     from torch.utils.data import DataLoader
 
-    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+    from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
 
     strategy = ExpertParallelStrategy()
     uneven = DataLoader(list(range(10 + rank)), batch_size=2)  # 5 batches on rank 0, 6 on rank 1, ...

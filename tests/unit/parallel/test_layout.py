@@ -76,7 +76,7 @@ def test_strategy_checks_the_layout_before_creating_the_process_group() -> None:
     import lightning.pytorch as pl
     import torch.distributed as dist
 
-    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+    from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
 
     trainer = pl.Trainer(
         strategy=ExpertParallelStrategy(expert_parallel_size=3), devices=2, accelerator="cpu", logger=False
@@ -90,7 +90,7 @@ def test_strategy_is_registered_by_name() -> None:
     import lightning.pytorch as pl
 
     import moe_plugin  # noqa: F401
-    from moe_plugin.lightning.strategy import ExpertParallelStrategy
+    from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
 
     trainer = pl.Trainer(strategy="expert_parallel", devices=2, accelerator="cpu", logger=False)
     assert isinstance(trainer.strategy, ExpertParallelStrategy)
