@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "cost": "moe_plugin.cli.cost",
     "align": "moe_plugin.cli.align",
     "ckpt": "moe_plugin.cli.ckpt",
+    "convert": "moe_plugin.cli.convert",
+    "generate": "moe_plugin.cli.generate",
 }
 
 
