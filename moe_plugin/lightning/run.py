@@ -104,6 +104,9 @@ def discard_unstarted_run_folder(output_dir: str | Path | None = None) -> bool:
         output_dir = HydraConfig.get().runtime.output_dir
     folder = Path(output_dir).resolve()
     logs = {f"{name}.log" for name in _job_names()}
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents:  # hydra.run.dir=. : the working directory is not ours to remove
+        return False
     if not folder.is_dir() or any(p.name not in (*_HYDRA_BOOKKEEPING, *logs) for p in folder.iterdir()):
         return False
     root = logging.getLogger()
@@ -112,7 +115,7 @@ def discard_unstarted_run_folder(output_dir: str | Path | None = None) -> bool:
             root.removeHandler(handler)
             handler.close()
     shutil.rmtree(folder, ignore_errors=True)
-    cwd, parent = Path.cwd().resolve(), folder.parent
+    parent = folder.parent
     while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
