@@ -61,7 +61,7 @@ class MoELanguageModule(pl.LightningModule):
         if aux is not None and layers:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
             for key in ("balance_loss", "z_loss"):
-                values = [m.last_losses[key] for m in layers if key in m.last_losses]
+                values = [m.stats.losses[key] for m in layers if key in m.stats.losses]
                 if values:
                     self.log(f"train/{key}", torch.stack(values).mean(), batch_size=bs)
         return loss
