@@ -63,7 +63,7 @@ def _model_config(overrides: list[str]) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     from moe_plugin.convert.hf import HFFormatError
-    from moe_plugin.convert.source import CheckpointConfigError
+    from moe_plugin.convert.hf.source import CheckpointConfigError
 
     try:
         if args.convert_command == "from-hf":

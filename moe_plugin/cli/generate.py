@@ -50,7 +50,7 @@ def parse_options(overrides: list[str]) -> dict[str, Any]:
 
 def resolve_tokenizer(ckpt: str, explicit: str | None, hf_source: dict[str, Any] | None, vocab_size: int) -> Any:
     from moe_plugin.convert.hf.io import has_tokenizer
-    from moe_plugin.convert.source import run_tokenizer
+    from moe_plugin.convert.hf.source import run_tokenizer
     from moe_plugin.data.tokenizers import ByteTokenizer, HFTokenizer
 
     path = explicit or run_tokenizer(Path(ckpt))
@@ -69,7 +69,7 @@ def resolve_tokenizer(ckpt: str, explicit: str | None, hf_source: dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_plugin.convert.source import CheckpointConfigError, CheckpointSource, load_model
+    from moe_plugin.convert.hf.source import CheckpointConfigError, CheckpointSource, load_model
     from moe_plugin.models.generation import generate
 
     opts = parse_options(args.overrides)

@@ -22,7 +22,7 @@ import torch
 from moe_plugin.convert.hf import family_for_model
 from moe_plugin.convert.hf.family import TRAINING_ONLY, Family
 from moe_plugin.convert.hf.io import HFFormatError, ShardWriter, copy_tokenizer, has_tokenizer, write_config
-from moe_plugin.convert.source import CheckpointSource, run_tokenizer
+from moe_plugin.convert.hf.source import CheckpointSource, run_tokenizer
 from moe_plugin.layers.norm_head import NormHead
 
 
