@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "cost": "moe_plugin.cli.cost",
     "align": "moe_plugin.cli.align",
     "ckpt": "moe_plugin.cli.ckpt",
+    "plan": "moe_plugin.cli.plan",
 }
 
 
