@@ -90,10 +90,9 @@ def initialize_expert_parallel_engine(
     device_rank: int | None = None,
 ) -> tuple[Any, Any]:
     """(engine, DeepSpeed optimizer) for `model`, like deepspeed.initialize(..., dist_init_required=False)."""
+    from deepspeed import set_optimizer_flags
     from deepspeed.runtime import zero
     from deepspeed.runtime.config import DeepSpeedConfig
-
-    from deepspeed import set_optimizer_flags
 
     zero.partition_parameters.shutdown_init_context()
     config_class = DeepSpeedConfig(config, None)
