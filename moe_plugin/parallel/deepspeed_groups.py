@@ -128,3 +128,33 @@ def split_moe_param_groups(optimizer: torch.optim.Optimizer, scheduler: Any = No
             if isinstance(value, list) and len(value) == len(old) and attr != "optimizer":
                 setattr(scheduler, attr, [value[i] for i in origin])
     return origin
+
+
+def torch_optimizer_state(
+    states: dict[str, dict[str, torch.Tensor]],
+    step: float | None,
+    names: list[list[str]],
+    hyperparameters: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A torch optimizer state_dict (integer ids in `names` order) from per-name state: what a plain
+    torch optimizer built by the same configure_optimizers would save (the layout-free format's input)."""
+    flat = [n for group in names for n in group]
+    index = {n: i for i, n in enumerate(flat)}
+    state = {}
+    if step is not None:
+        state = {index[n]: {"step": torch.tensor(step), **states[n]} for n in flat if n in states}
+    groups = [{**h, "params": [index[n] for n in g]} for h, g in zip(hyperparameters, names)]
+    return {"state": state, "param_groups": groups}
+
+
+def regroup_scheduler_state(state: dict[str, Any], origin: list[int], to_original: bool) -> dict[str, Any]:
+    """An LR scheduler's state with its per-group lists (base_lrs, _last_lr, lr_lambdas) mapped between the
+    split optimizer groups (len(origin)) and the groups configure_optimizers made (max(origin) + 1)."""
+    n_split, n_orig = len(origin), max(origin) + 1
+    out = dict(state)
+    for k, v in state.items():
+        if to_original and isinstance(v, list) and len(v) == n_split:
+            out[k] = [v[origin.index(o)] for o in range(n_orig)]
+        elif not to_original and isinstance(v, list) and len(v) == n_orig:
+            out[k] = [v[o] for o in origin]
+    return out

@@ -3,6 +3,9 @@
 Reference R: plain Lightning, one process, global batch 8, 20 steps, gradient clipping at 1.0 (trainer default),
 checkpoints at steps 10 and 20.
 - Z2: ZeRO-2, EP=2 on 2 processes: same losses, balance and z-loss (1e-5) as R, same weights and Adam state at 20.
+- Z1: ZeRO-1, EP=2 on 4 processes (2 replicas of each expert: ZeRO partitions and reduces experts over the
+      expert-data group), writing DeepSpeed's own checkpoint directories: same losses as R; its step-10 directory,
+      converted by `moe-plugin ckpt convert`, resumes in plain Lightning on one process with R's steps 11..20.
 - moving runs: Z2@10 -> expert_parallel EP=1 (1 process); R@10 (plain) -> deepspeed_ep ZeRO-2 EP=2 (2 processes).
 - gradient accumulation (2 micro-batches per step) equals one process.
 The first DeepSpeed start compiles a small op (~20 s); TORCH_EXTENSIONS_DIR is fixed so later runs reuse it.
@@ -89,6 +92,18 @@ def test_deepspeed_ep_checkpoint_resumes_in_expert_parallel_ep1(runs: dict) -> N
 def test_plain_checkpoint_resumes_in_deepspeed_ep(runs: dict) -> None:
     C = _ok(train(runs["tmp"], "R10_to_Z2", 2, None, ckpt=runs["R"].checkpoint(10), strategy=ds(2, 2)))
     _same_curve(C, runs["R"], range(11, STEPS + 1))
+
+
+def test_zero1_on_4_processes_deepspeed_checkpoints_convert(runs: dict) -> None:
+    tmp, R = runs["tmp"], runs["R"]
+    Z1 = _ok(train(tmp, "Z1_w4", 4, None, strategy=ds(1, 2, "strategy.checkpoint_format=deepspeed"), timeout=600))
+    _same_curve(Z1, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    ds_dir = Z1.checkpoint(10)
+    assert (ds_dir / "latest").is_file(), sorted(p.name for p in ds_dir.iterdir())
+    converted = tmp / "Z1_10.ckpt"
+    assert cli(["ckpt", "convert", str(ds_dir), str(converted)]) == 0
+    D = _ok(train(tmp, "Z1_10_to_plain", 1, None, ckpt=converted))
+    _same_curve(D, R, range(11, STEPS + 1))
 
 
 def test_gradient_accumulation_equals_one_process(runs: dict) -> None:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
@@ -47,6 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from moe_plugin.layers.moe import moe_layers
 from moe_plugin.parallel.apply import ExpertParallelPlan, apply_expert_parallel
+from moe_plugin.parallel.deepspeed_groups import regroup_scheduler_state, torch_optimizer_state
 from moe_plugin.parallel.mesh import ExpertParallelMesh, check_layout
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ def load_deepspeed_config(config: str | os.PathLike[str] | dict[str, Any] | None
     if not isinstance(data, dict):
         raise ValueError(f"strategy.config={str(config)!r} does not hold a mapping (a DeepSpeed config object).")
     return data
+
+
+class UpdateNotSkippableError(RuntimeError):
+    """A callback asked to skip an optimizer update, which DeepSpeed's engine cannot do."""
 
 
 class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
@@ -195,6 +199,35 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         self.plan = apply_expert_parallel(module, self.mesh, self.reduce_router_counts)
         mark_expert_parameters(module, self.plan.expert_params, self.expert_parallel_size, self.zero_stage)
         super().setup(trainer)
+        self._refuse_unskippable_updates()
+
+    def _refuse_unskippable_updates(self) -> None:
+        """Stop with a clear error when a loss-spike guard rejects an update: DeepSpeed cannot skip it.
+
+        The guard skips an update by dropping `.grad` before the optimizer step; DeepSpeed's engine steps from
+        its own (partitioned) gradient buffers and has no call to discard them, so the update would be applied
+        silently. The check runs after the on_before_optimizer_step hooks and before engine.step().
+        """
+        plugin = self.precision_plugin
+        if getattr(plugin, "_moe_plugin_refuses_skips", False):
+            return
+        after_closure = plugin._after_closure
+
+        def checked(model: Any, optimizer: Any) -> None:
+            after_closure(model, optimizer)
+            from moe_plugin.lightning.callbacks.spike import update_rejected
+
+            if update_rejected(model.trainer):
+                raise UpdateNotSkippableError(
+                    f"step {model.trainer.global_step}: the loss-spike guard (callbacks.spike) rejected this update, "
+                    "but DeepSpeed's engine applies its step from its own gradient buffers and cannot skip it. Resume "
+                    "from the last checkpoint with strategy=expert_parallel (same checkpoint, any layout) to train "
+                    "through spikes with the guard, or set callbacks.spike=null to train on with deepspeed_ep. "
+                    "Non-finite gradients are skipped by DeepSpeed itself while trainer.gradient_clip_val > 0."
+                )
+
+        plugin._after_closure = checked  # type: ignore[method-assign]
+        plugin._moe_plugin_refuses_skips = True  # type: ignore[attr-defined]
 
     def _init_optimizers(self) -> Any:
         from moe_plugin.parallel.deepspeed_groups import split_moe_param_groups
@@ -273,24 +306,50 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         save_sharded(ckpt, filepath, layout, [names] if with_optimizer else [], save_file)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self.checkpoint_format == "deepspeed" or self.plan is None:
+        if self.plan is None:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        self._save_layout_free(checkpoint, filepath, storage_options)
+        if self.checkpoint_format == "moe_plugin":
+            return self._save_layout_free(checkpoint, filepath, storage_options)
+        if self.zero_stage == 3:
+            raise RuntimeError(
+                "strategy.checkpoint_format=deepspeed at ZeRO-3: deepspeed_ep converts only ZeRO-1/2 DeepSpeed "
+                "directories. Use strategy.checkpoint_format=moe_plugin (layout-free) at ZeRO-3."
+            )
+        from moe_plugin.convert.deepspeed_checkpoint import RECORD_KEY
+
+        assert self.mesh is not None
+        record = {
+            "format_version": 1,
+            "zero_stage": self.zero_stage,
+            "world_size": self.mesh.world_size,
+            "expert_parallel_size": self.expert_parallel_size,
+            "expert_params": {n: e for n, (e, _, _) in self.plan.expert_params.items()},
+            "original_names": self._original_names(),
+            "original_hyperparameters": self._original_hyperparameters(),
+            "group_origin": self.group_origin,
+        }
+        super().save_checkpoint({**checkpoint, RECORD_KEY: record}, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from moe_plugin.convert.deepspeed_checkpoint import is_deepspeed_checkpoint
         from moe_plugin.parallel.checkpoint import load_for_rank
 
         checkpoint_path = self.broadcast(checkpoint_path)
-        self._loaded_layout_free = not is_deepspeed_checkpoint(checkpoint_path)
-        if not self._loaded_layout_free:
-            return super().load_checkpoint(checkpoint_path, weights_only)
         assert self.plan is not None, "deepspeed_ep restores checkpoints after setup"
+        # every checkpoint is set by parameter name (any layout); a DeepSpeed directory is read as a whole first
+        self._loaded_layout_free = True
 
         def load_file(path: str) -> dict[str, Any]:
             if weights_only is None:
                 return self.checkpoint_io.load_checkpoint(path)
             return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
+        if is_deepspeed_checkpoint(checkpoint_path):
+            from moe_plugin.convert.deepspeed_checkpoint import to_plain_checkpoint
+
+            plain = to_plain_checkpoint(checkpoint_path)
+            checkpoint_path = f"{checkpoint_path}#deepspeed"  # not a directory: read as the plain dict below
+            load_file = lambda path: plain  # noqa: E731
 
         names = self._original_names()
         ckpt = load_for_rank(checkpoint_path, self.plan.expert_params, [names] if names else [], load_file)
@@ -336,36 +395,6 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
             set_optimizer_state(module, self.optimizers[0], states, step)
         for group, origin in zip(self.optimizers[0].param_groups, self.group_origin):
             group.update({k: v for k, v in named["param_groups"][origin].items() if k != "params"})
-
-
-def torch_optimizer_state(
-    states: dict[str, dict[str, torch.Tensor]],
-    step: float | None,
-    names: list[list[str]],
-    hyperparameters: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """A torch optimizer state_dict (integer ids in `names` order) from per-name state: what a plain
-    torch optimizer built by the same configure_optimizers would save (the layout-free format's input)."""
-    flat = [n for group in names for n in group]
-    index = {n: i for i, n in enumerate(flat)}
-    state = {}
-    if step is not None:
-        state = {index[n]: {"step": torch.tensor(step), **states[n]} for n in flat if n in states}
-    groups = [{**h, "params": [index[n] for n in g]} for h, g in zip(hyperparameters, names)]
-    return {"state": state, "param_groups": groups}
-
-
-def regroup_scheduler_state(state: dict[str, Any], origin: list[int], to_original: bool) -> dict[str, Any]:
-    """An LR scheduler's state with its per-group lists (base_lrs, _last_lr, lr_lambdas) mapped between the
-    split optimizer groups (len(origin)) and the groups configure_optimizers made (max(origin) + 1)."""
-    n_split, n_orig = len(origin), max(origin) + 1
-    out = dict(state)
-    for k, v in state.items():
-        if to_original and isinstance(v, list) and len(v) == n_split:
-            out[k] = [v[origin.index(o)] for o in range(n_orig)]
-        elif not to_original and isinstance(v, list) and len(v) == n_orig:
-            out[k] = [v[o] for o in origin]
-    return out
 
 
 def register() -> None:

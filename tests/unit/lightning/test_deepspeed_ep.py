@@ -20,11 +20,15 @@ from moe_plugin.accelerators.deepspeed_accelerator import (
 from moe_plugin.lightning.strategies.deepspeed_ep import (
     DeepSpeedExpertParallelStrategy,
     load_deepspeed_config,
-    regroup_scheduler_state,
-    torch_optimizer_state,
 )
 from moe_plugin.parallel.apply import expert_parameter_names
-from moe_plugin.parallel.deepspeed_groups import group_name, mark_expert_parameters, split_moe_param_groups
+from moe_plugin.parallel.deepspeed_groups import (
+    group_name,
+    mark_expert_parameters,
+    regroup_scheduler_state,
+    split_moe_param_groups,
+    torch_optimizer_state,
+)
 
 
 def test_accelerator_from_vendor_layer_and_ds_accelerator_respected() -> None:
