@@ -28,4 +28,5 @@ class TopConfig:
     resume: Any = "auto"
     tags: list[str] = field(default_factory=list)
     train: bool = True
+    test: bool = False  # evaluation on the test split (`train.py train=false test=true`)
     validate_at_end: bool = True
