@@ -28,5 +28,6 @@ class TopConfig:
     resume: Any = "auto"
     tags: list[str] = field(default_factory=list)
     train: bool = True
-    test: bool = False  # evaluation on the test split (`train.py train=false test=true`)
     validate_at_end: bool = True
+    test: bool = False
+    sample_lines: int = 3
