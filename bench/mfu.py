@@ -93,7 +93,7 @@ def main() -> int:
 
     cfg = compose_config(args.overrides)
     seq_len, batch, hidden = int(cfg.data.seq_len), int(cfg.data.batch_size), int(cfg.model.hidden_size)
-    info = inspect_model(args.overrides, seq_len)
+    info = inspect_model(args.overrides, seq_len, configured=True)
     peaks = measure_peak(batch * seq_len, hidden)
     peak = max(peaks.values())
     summary = run_training(args.steps, args.overrides, args.threads or None)

@@ -50,8 +50,12 @@ def _build(overrides: list[str], seq_len: int | None) -> tuple[str, torch.nn.Mod
     return name, model, int(configured), int(max_len) if max_len else None
 
 
-def inspect_model(overrides: list[str], seq_len: int | None = None) -> dict:
-    name, model, seq_len, max_len = _build(overrides, seq_len)
+def inspect_model(overrides: list[str], seq_len: int | None = None, configured: bool = False) -> dict:
+    """Parameters and FLOPs per token. Sequence length: `seq_len` if given, else the configured training
+    length data.seq_len when `configured` (what `moe-plugin inspect` reports), else model.max_seq_len
+    (what `moe-plugin cost` sizes for); FLOPs at max_seq_len are always reported beside it."""
+    name, model, train_len, max_len = _build(overrides, seq_len)
+    seq_len = seq_len or (train_len if configured else (max_len or train_len))
     counts = count_parameters(model)
     return {
         "model": name,
@@ -76,7 +80,7 @@ def _fmt(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = inspect_model(args.overrides, args.seq_len)
+    info = inspect_model(args.overrides, args.seq_len, configured=True)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
