@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "align": "moe_plugin.cli.align",
     "ckpt": "moe_plugin.cli.ckpt",
     "plan": "moe_plugin.cli.plan",
+    "convert": "moe_plugin.cli.convert",
+    "generate": "moe_plugin.cli.generate",
 }
 
 

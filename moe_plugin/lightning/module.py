@@ -71,6 +71,12 @@ class MoELanguageModule(pl.LightningModule):
         self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
         return lm_loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The model's constructor arguments: export, generation and evaluation rebuild it from the file alone.
+        config = getattr(self.model, "init_kwargs", None)
+        if config is not None:
+            checkpoint["model_config"] = config
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         decay, no_decay = [], []

@@ -56,7 +56,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("backend", ["mm", "torch", "loop"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_path_matches_dense_and_loop_references(name, backend):
     m = _layer(grouped_mm_backend=backend, **CONFIGS[name])
