@@ -132,7 +132,9 @@ class LMDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        rank, world = self._rank_world()
+        trainer = getattr(self, "trainer", None)
+        # a strategy may split evaluation over fewer ranks (local_sgd: each island evaluates the whole set)
+        rank, world = getattr(getattr(trainer, "strategy", None), "evaluation_rank_world", None) or self._rank_world()
         sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 

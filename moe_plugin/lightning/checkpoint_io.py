@@ -288,6 +288,8 @@ def check_checkpoint(path: Path | str, deep: bool = True) -> CheckpointCheck:
     try:
         obj = torch.load(path / META_FILE, map_location="cpu", mmap=True, weights_only=False)
         shards = list(obj.get("moe_plugin_layout", {}).get("shard_files", []))
+        # files other writers keep in the directory that resuming needs too (local_sgd: the other islands' parts)
+        shards += list(obj.get("moe_plugin_extra_files", []))
         step = obj.get("global_step", meta.global_step)
     except Exception as err:
         return CheckpointCheck(path, False, f"{META_FILE} unreadable ({type(err).__name__}: {err})", meta.has_sidecar)
