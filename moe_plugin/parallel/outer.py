@@ -182,9 +182,7 @@ def screen(
         total = sum(e.values())
         for k in idx:
             weights[k] = e[k] / total
-    coefs = [
-        min(1.0, clip_norm / n) if clip_norm is not None and math.isfinite(n) and n > 0 else 1.0 for n in norms
-    ]
+    coefs = [min(1.0, clip_norm / n) if clip_norm is not None and math.isfinite(n) and n > 0 else 1.0 for n in norms]
     factors = [weights[k] * coefs[k] for k in range(K)]
     return Screening(list(norms), z, accepted, weights, coefs, factors)
 

@@ -62,7 +62,9 @@ class FaultInjector(pl.Callback):
             f.setdefault("seconds", 0.5)
             f.setdefault("factor", 3.0)
             if f["kind"] == "delay" and not float(f["factor"]) >= 1.0:
-                raise ValueError(f"callbacks.fault_injection.faults[{i}].factor={f['factor']!r} must be >= 1 (slowdown).")
+                raise ValueError(
+                    f"callbacks.fault_injection.faults[{i}].factor={f['factor']!r} must be >= 1 (slowdown)."
+                )
             if f["until"] is None:
                 f["until"] = float("inf")
             f["id"] = i

@@ -32,10 +32,10 @@ island writes the same consistent cut (the directory keeps the name of the reque
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,21 +43,15 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from moe_plugin.accelerators.lightning_accelerators import VendorDDPStrategy
 from moe_plugin.layers.moe import moe_layers
 from moe_plugin.lightning.callbacks.spike_detector import EWMAZScore
 from moe_plugin.lightning.events import append_event, events_path
 from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
-from moe_plugin.parallel.checkpoint import (
-    META_FILE,
-    ShardedLayout,
-    is_sharded_checkpoint,
-    load_for_rank,
-    save_sharded,
-    shard_file_name,
-)
+from moe_plugin.lightning.strategies.local_sgd_checkpoint import IslandCheckpoints
 from moe_plugin.parallel.islands import (
     IslandMesh,
     build_island_mesh,
@@ -67,8 +61,6 @@ from moe_plugin.parallel.islands import (
 )
 from moe_plugin.parallel.outer import (
     WEIGHTINGS,
-    Slot,
-    all_gather_objects,
     global_weighted_sum,
     make_slots,
     outer_sgd_step,
@@ -78,21 +70,12 @@ from moe_plugin.parallel.outer import (
 
 log = logging.getLogger(__name__)
 
-PREFIX_SYNCED = "_local_sgd.synced."
-PREFIX_MOMENTUM = "_local_sgd.momentum."
-META_KEY = "local_sgd"
-EXTRA_FILES_KEY = "moe_plugin_extra_files"  # files of P that checkpoint validation must also find intact
 # per-island statistics exchanged at every sync: squared pseudo-gradient norm, local steps, seconds, global step,
 # a checkpoint save pending, a stop request
 _NORM2, _STEPS, _SECONDS, _GSTEP, _PENDING, _STOP = range(6)
 
 
-def island_dir(path: str | Path, island: int) -> Path:
-    """Where island `island` keeps its part of checkpoint P (island 0 is P itself)."""
-    return Path(path) if island == 0 else Path(path) / f"island{island:03d}"
-
-
-class LocalSGDStrategy(ExpertParallelStrategy):
+class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
     strategy_name = "local_sgd"
 
     def __init__(
@@ -209,11 +192,19 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         self._ddp_kwargs["process_group"] = self.mesh.island_group  # DDP all-reduces inside the island only
         rank_zero_info(
             f"local_sgd: {len(islands)} islands {islands}, EP {ep_sizes}, outer backend {self.outer_backend}, "
-            + (f"sync every {self.sync_every_steps} steps" if not self.time_based else f"sync every ~{self.sync_every_seconds} s")
+            + (
+                f"sync every {self.sync_every_steps} steps"
+                if not self.time_based
+                else f"sync every ~{self.sync_every_seconds} s"
+            )
         )
 
     def setup(self, trainer: pl.Trainer) -> None:
-        if self.time_based and trainer.state.fn == TrainerFn.FITTING and not (trainer.max_steps and trainer.max_steps > 0):
+        if (
+            self.time_based
+            and trainer.state.fn == TrainerFn.FITTING
+            and not (trainer.max_steps and trainer.max_steps > 0)
+        ):
             raise ValueError(
                 f"strategy.sync_every_seconds={self.sync_every_seconds} needs trainer.max_steps > 0 (got "
                 f"{trainer.max_steps}): islands run at different speeds, so they agree to stop at a step budget. "
@@ -239,14 +230,16 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         named = self._trainable()
         self._slots = make_slots(named, self.plan.expert_params)
         # each value counted once per island: dense by the island's rank 0, experts by their first replica
-        self._owned = [
-            (m.dp_rank == 0) if n in self.plan.expert_params else (m.rank == 0) for n, _ in named
-        ]
+        self._owned = [(m.dp_rank == 0) if n in self.plan.expert_params else (m.rank == 0) for n, _ in named]
         self._buffer_slots = make_slots(self._buffers(), {})
         island0 = m.island_index == 0
         synced = global_weighted_sum(
-            self._slots, [p for _, p in named], [float(island0 and o) for o in self._owned], m.outer_group,
-            self._exchange_device, self.bucket_numel,
+            self._slots,
+            [p for _, p in named],
+            [float(island0 and o) for o in self._owned],
+            m.outer_group,
+            self._exchange_device,
+            self.bucket_numel,
         )
         self._synced = synced
         for (_, p), s in zip(named, synced):
@@ -254,15 +247,23 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         self._momentum = [torch.zeros_like(s) for s in synced]
         self._detectors = [EWMAZScore(*self.detector_args) for _ in range(m.num_islands)]
         self._round = 0
+        self.synced_island_steps = 0  # optimizer steps of all islands folded into the synchronised weights
         self._round_start_step = trainer.global_step
         self._round_steps = self._first_round_steps()
-        self._final = self._is_last_round(trainer, [trainer.global_step] * m.num_islands, [self._round_steps] * m.num_islands)
+        self._final = self._is_last_round(
+            trainer, [trainer.global_step] * m.num_islands, [self._round_steps] * m.num_islands
+        )
         self._stopped = False
         self._pending: list[str] = []
         self._saving_now = False
         self._t0 = time.monotonic()
         self._outer_from_params = False
         self._outer_ready = True
+        # Lightning broadcasts a SIGTERM flag from rank 0 over EVERY rank before each training batch (swallowing
+        # errors): across islands that would tie every step of every island together. Agree inside the island.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = functools.partial(self._island_sigterm, trainer)
         if not any(isinstance(cb, _OuterSync) for cb in trainer.callbacks):
             # last, after ModelCheckpoint: a save requested at a sync step is pending when the sync runs, which
             # then writes it at the synchronised state on every island
@@ -276,9 +277,20 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         return self.sync_every_steps if self.sync_every_steps is not None else self.sync_min_steps
 
     def _is_last_round(self, trainer: pl.Trainer, gsteps: list[int], H: list[int]) -> bool:
-        return bool(trainer.max_steps and trainer.max_steps > 0 and any(g + h >= trainer.max_steps for g, h in zip(gsteps, H)))
+        return bool(
+            trainer.max_steps and trainer.max_steps > 0 and any(g + h >= trainer.max_steps for g, h in zip(gsteps, H))
+        )
 
     # -------------------------------------------------------------------- island-scoped collectives
+    def _island_sigterm(self, trainer: pl.Trainer) -> None:
+        """Lightning's per-batch SIGTERM agreement (training_epoch_loop._broadcast_sigterm_tensor), in the island."""
+        assert self.mesh is not None
+        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0], device=self.root_device)
+        if self.mesh.world_size > 1:
+            dist.broadcast(flag, src=self.mesh.global_ranks[0], group=self.mesh.island_group)
+        if flag.item() == 1:
+            raise SIGTERMException()
+
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if self.mesh is None or not dist.is_initialized():
             return super().barrier(*args, **kwargs)
@@ -295,7 +307,9 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         return super().reduce(tensor, group=group if group is not None else self.consensus_group, reduce_op=reduce_op)
 
     def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
-        return super().all_gather(tensor, group=group if group is not None else self.consensus_group, sync_grads=sync_grads)
+        return super().all_gather(
+            tensor, group=group if group is not None else self.consensus_group, sync_grads=sync_grads
+        )
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         t = self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum")
@@ -309,6 +323,12 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         due = trainer.global_step - self._round_start_step >= self._round_steps
         if due or trainer.should_stop:
             self._synchronise(trainer, stop=bool(trainer.should_stop) and not due)
+        elif not self.time_based:
+            self._settle(trainer)
+
+    def _after_validation(self, trainer: pl.Trainer) -> None:
+        if self._outer_ready and not self._stopped and not self.time_based and not trainer.sanity_checking:
+            self._settle(trainer)
 
     def _at_train_end(self, trainer: pl.Trainer) -> None:
         """Every island ends fit after the same number of syncs: one that ends without an agreed stop (epochs ran
@@ -317,11 +337,7 @@ class LocalSGDStrategy(ExpertParallelStrategy):
             return
         if not self._stopped:
             self._synchronise(trainer, stop=True)
-        assert self.mesh is not None
-        flag = torch.zeros(1, dtype=torch.float64)
-        flag[0] = float(bool(self._pending) and self.mesh.rank == 0)
-        if sum_over_group(flag, self.mesh.outer_group)[0] > 0:
-            self._write_pending(trainer)
+        self._settle(trainer)
 
     @torch.no_grad()
     def _synchronise(self, trainer: pl.Trainer, stop: bool = False) -> None:
@@ -333,7 +349,12 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         params = [p for _, p in self._trainable()]
         deltas = [s - p.detach().to(s.device, torch.float32) for s, p in zip(self._synced, params)]
         stats = torch.zeros(K, 6, dtype=torch.float64)
-        stats[k, _NORM2] = float(sum((d.double().pow(2).sum() for d, o in zip(deltas, self._owned) if o), torch.zeros((), dtype=torch.float64)))
+        stats[k, _NORM2] = float(
+            sum(
+                (d.double().pow(2).sum() for d, o in zip(deltas, self._owned) if o),
+                torch.zeros((), dtype=torch.float64),
+            )
+        )
         if leader:
             stats[k, _STEPS], stats[k, _SECONDS], stats[k, _GSTEP] = steps, seconds, trainer.global_step
             stats[k, _PENDING], stats[k, _STOP] = float(bool(self._pending)), float(stop)
@@ -341,22 +362,35 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         norms = [math.sqrt(x) if x >= 0 else math.nan for x in stats[:, _NORM2].tolist()]
         all_steps = [int(x) for x in stats[:, _STEPS].tolist()]
         decision = screen(
-            norms, all_steps, self._detectors if self.screening else None, self.weighting, self.temperature, self.clip_norm
+            norms,
+            all_steps,
+            self._detectors if self.screening else None,
+            self.weighting,
+            self.temperature,
+            self.clip_norm,
         )
         if decision.any_accepted:
             factors = [decision.factors[k] if o else 0.0 for o in self._owned]
-            avg = global_weighted_sum(self._slots, deltas, factors, m.outer_group, self._exchange_device, self.bucket_numel)
+            avg = global_weighted_sum(
+                self._slots, deltas, factors, m.outer_group, self._exchange_device, self.bucket_numel
+            )
             outer_sgd_step(self._synced, avg, self._momentum, self.outer_lr, self.outer_momentum, self.outer_nesterov)
         for p, s in zip(params, self._synced):
             p.copy_(s)  # every island continues from the synchronised weights (all rejected: its deltas are dropped)
         if self.average_buffers and self._buffer_slots:
             buffers = [b for _, b in self._buffers()]
             mean = global_weighted_sum(
-                self._buffer_slots, buffers, 1.0 / K if leader else 0.0, m.outer_group, self._exchange_device, self.bucket_numel
+                self._buffer_slots,
+                buffers,
+                1.0 / K if leader else 0.0,
+                m.outer_group,
+                self._exchange_device,
+                self.bucket_numel,
             )
             for b, v in zip(buffers, mean):
                 b.copy_(v)
         self._round += 1
+        self.synced_island_steps += sum(all_steps)
         self._log(trainer, decision, all_steps, stats[:, _SECONDS].tolist())
         # the next round, agreed from numbers every island now holds
         gsteps = [int(x) for x in stats[:, _GSTEP].tolist()]
@@ -406,156 +440,27 @@ class LocalSGDStrategy(ExpertParallelStrategy):
         for i in clipped:
             append_event(path, "local_sgd", "clip", island=i, norm=d.norms[i], coef=d.clip_coefs[i], **common)
         append_event(
-            path, "local_sgd", "sync", steps=steps, seconds=[round(s, 3) for s in seconds],
-            norms=[round(n, 6) for n in d.norms], weights=[round(w, 6) for w in d.weights], **common,
+            path,
+            "local_sgd",
+            "sync",
+            steps=steps,
+            seconds=[round(s, 3) for s in seconds],
+            norms=[round(n, 6) for n in d.norms],
+            weights=[round(w, 6) for w in d.weights],
+            **common,
         )
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _expert_params(self) -> dict[str, tuple[int, int, int]]:
-        """The model's expert tensors plus their outer copies (sharded by global expert id like the weights)."""
-        assert self.plan is not None
-        out = dict(self.plan.expert_params)
-        for name, spec in self.plan.expert_params.items():
-            out[PREFIX_SYNCED + name] = spec
-            if self.outer_momentum > 0:
-                out[PREFIX_MOMENTUM + name] = spec
-        return out
-
-    def _layout(self) -> ShardedLayout:
-        assert self.mesh is not None
-        return ShardedLayout(self.mesh.world_size, self.mesh.rank, self.expert_parallel_size, self._expert_params())
-
-    def _outer_meta(self) -> dict[str, Any]:
-        assert self.mesh is not None
-        return {
-            "format_version": 1,
-            "islands": self.mesh.islands,
-            "round": self._round,
-            "round_start_step": self._round_start_step,
-            "round_steps": self._round_steps,
-            "final": self._final,
-            "detectors": [d.state_dict() for d in self._detectors],
-        }
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self.plan is None or not self._outer_ready:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        assert self.mesh is not None
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        at_cut = trainer is not None and trainer.global_step == self._round_start_step
-        if not self._saving_now:
-            if self.time_based or not at_cut:
-                self._pending.append(str(filepath))  # written at the next sync, where islands are at one cut
-                return
-            # step-based, right after a sync: every island is at the same cut and saves now (same steps, same
-            # weights, same validation loss); wait until every island has chosen its file name before writing
-            dist.barrier(group=self.mesh.outer_group)
-        ckpt = dict(checkpoint)
-        state = dict(ckpt["state_dict"])
-        for (name, _), s, b in zip(self._trainable(), self._synced, self._momentum):
-            state[PREFIX_SYNCED + name] = s.clone()
-            if self.outer_momentum > 0:
-                state[PREFIX_MOMENTUM + name] = b.clone()
-        ckpt["state_dict"] = state
-        ckpt[META_KEY] = self._outer_meta()
-        k = self.mesh.island_index
-        if k == 0:  # P is valid only when every island's part is
-            ckpt[EXTRA_FILES_KEY] = [
-                f"{island_dir('', i).as_posix()}/{f}"
-                for i in range(1, self.mesh.num_islands)
-                for f in [META_FILE, *[shard_file_name(j, self._ep_of(i)) for j in range(self._ep_of(i))]]
-            ]
-
-        def save_file(obj: dict[str, Any], path: str) -> None:
-            self.checkpoint_io.save_checkpoint(obj, path, storage_options=storage_options)
-
-        names = self._optimizer_names() if "optimizer_states" in ckpt else []
-        save_sharded(ckpt, island_dir(filepath, k), self._layout(), names, save_file)
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        if str(filepath) in self._pending:  # never written: ModelCheckpoint replaced it before the next sync
-            self._pending.remove(str(filepath))
-            return
-        super().remove_checkpoint(filepath)
-
-    def _ep_of(self, island: int) -> int:
-        assert self.mesh is not None
-        return parse_expert_parallel_sizes(self._ep_config, self.mesh.num_islands)[island]
-
-    def _write_pending(self, trainer: pl.Trainer) -> None:
-        """Write the saves some island requested since the last sync, all islands to the same paths."""
-        assert self.mesh is not None
-        lists = all_gather_objects(self._pending if self.mesh.rank == 0 else [], self.mesh.outer_group)
-        paths = next((p for p in lists if p), [])
-        self._pending = []
-        self._saving_now = True
-        try:
-            for path in paths:  # type: ignore[union-attr]
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                self.save_checkpoint(checkpoint, path)
-                self.barrier("local_sgd.save")
-        finally:
-            self._saving_now = False
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        assert self.mesh is not None and self.plan is not None
-
-        def load_file(path: str) -> dict[str, Any]:
-            if weights_only is None:
-                return self.checkpoint_io.load_checkpoint(path)
-            return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-
-        meta: dict[str, Any] | None = None
-        if is_sharded_checkpoint(checkpoint_path):
-            meta = load_file(str(Path(checkpoint_path) / META_FILE)).get(META_KEY)
-        path = Path(checkpoint_path)
-        if meta is not None:
-            if meta["islands"] == self.mesh.islands:
-                path = island_dir(checkpoint_path, self.mesh.island_index)
-            else:
-                rank_zero_warn(
-                    f"local_sgd: {checkpoint_path} was saved with islands {meta['islands']}, this run has "
-                    f"{self.mesh.islands}: every island resumes from island 0's weights and inner optimizer state "
-                    "(the outer state is kept). Resume with the same islands to continue exactly."
-                )
-        expert_params = self._expert_params() if meta is not None else self.plan.expert_params
-        ckpt = load_for_rank(path, expert_params, self._optimizer_names(), load_file)
-        state = ckpt["state_dict"]
-        self._loaded_outer = {k: state.pop(k) for k in list(state) if k.startswith("_local_sgd.")}
-        self._loaded_meta = meta
-        return ckpt
-
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        super().load_model_state_dict(checkpoint, strict=strict)
-        if not self._outer_ready:
-            return
-        named = self._trainable()
-        meta = getattr(self, "_loaded_meta", None)
-        with torch.no_grad():
-            if meta is None:  # a checkpoint of another strategy: the loaded weights are the synchronised ones
-                for (_, p), s in zip(named, self._synced):
-                    s.copy_(p.detach())
-                return
-            for (name, _), s, b in zip(named, self._synced, self._momentum):
-                s.copy_(self._loaded_outer[PREFIX_SYNCED + name])
-                if self.outer_momentum > 0:
-                    b.copy_(self._loaded_outer[PREFIX_MOMENTUM + name])
-        for d, st in zip(self._detectors, meta["detectors"]):
-            d.load_state_dict(st)
-        self._round = int(meta["round"])
-        if meta["islands"] == self.mesh.islands:  # type: ignore[union-attr]
-            self._round_start_step = int(meta["round_start_step"])
-            self._round_steps = int(meta["round_steps"])
-            self._final = bool(meta["final"])
-        self._loaded_outer = {}
-
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         if self.mesh is not None:
             log.error(
                 "local_sgd: island %d (ranks %s) stops: %s: %s. If another island died, resume all islands from the "
                 "last checkpoint (resume=auto with the same run folder).",
-                self.mesh.island_index, self.mesh.global_ranks, type(exception).__name__, str(exception)[:300],
+                self.mesh.island_index,
+                self.mesh.global_ranks,
+                type(exception).__name__,
+                str(exception)[:300],
             )
 
 
@@ -573,6 +478,10 @@ class _OuterSync(pl.Callback):
     ) -> None:
         self.strategy._after_batch(trainer)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.strategy._after_validation(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.strategy._at_train_end(trainer)
 
@@ -586,4 +495,4 @@ def register() -> None:
         )
 
 
-__all__ = ["LocalSGDStrategy", "Slot", "island_dir", "register"]
+__all__ = ["LocalSGDStrategy", "register"]
