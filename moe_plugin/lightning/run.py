@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,53 @@ def run(cfg: DictConfig) -> float | None:
         print(_format_summary(summary))
     _finish_loggers(trainer, summary)
     return summary["val_loss"]
+
+
+# What Hydra writes into a run folder before our code runs: its config copy and the (possibly empty) log file.
+_HYDRA_BOOKKEEPING = (".hydra", "train.log")
+
+
+def discard_unstarted_run_folder(output_dir: str | Path | None = None) -> bool:
+    """Remove the Hydra run folder of a run that stopped on a user error before starting.
+
+    Hydra creates the folder (config copy, log file) before calling `run`; a run that never started leaves
+    nothing of value in it. Only a folder holding nothing but that bookkeeping is removed (a resumed run's
+    folder has checkpoints and stays), then its parents up to the working directory if they became empty.
+    Returns True if something was removed.
+    """
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return False
+        output_dir = HydraConfig.get().runtime.output_dir
+    folder = Path(output_dir).resolve()
+    logs = {f"{name}.log" for name in _job_names()}
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents:  # hydra.run.dir=. : the working directory is not ours to remove
+        return False
+    if not folder.is_dir() or any(p.name not in (*_HYDRA_BOOKKEEPING, *logs) for p in folder.iterdir()):
+        return False
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Hydra's file handler would re-create the log file on the next record
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().parent == folder:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True
+
+
+def _job_names() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(HydraConfig.get().job.name)]
+    except Exception:  # not under Hydra
+        return []
 
 
 def _finish_loggers(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
