@@ -151,34 +151,18 @@ def test_resume_mid_round_is_exact(tmp: Path, edit_run: Run) -> None:
 
 
 def test_killed_island_then_resume_auto(tmp: Path, edit_run: Run) -> None:
+    """Rank 1 (island 1) is killed at step 13; the same command again resumes (resume=auto) from step 10."""
     folder = tmp / "K"
-    K = train(
-        tmp,
-        "K",
-        2,
-        None,
-        strategy=EDIT,
-        extra=(
-            "callbacks=[default,fault_injection]",
-            "+callbacks.fault_injection.faults=[{kind: kill, step: 13, rank: 1}]",
-        ),
+    kill = (
+        "callbacks=[default,fault_injection]",
+        "+callbacks.fault_injection.faults=[{kind: kill, step: 13, rank: 1}]",
     )
+    K = train(tmp, "K", 2, None, strategy=EDIT, extra=kill)
     assert K.returncode != 0, "the surviving island must exit, not finish"
     assert K.seconds < 240
     assert "local_sgd: island 0" in K.output and "stops" in K.output, K.output[-3000:]
     assert check_checkpoint(folder / "checkpoints" / "step000010.ckpt").valid
-    again = train(
-        tmp,
-        "K",
-        2,
-        None,
-        strategy=EDIT,
-        extra=(
-            "callbacks=[default,fault_injection]",
-            "+callbacks.fault_injection.faults=[{kind: kill, step: 13, rank: 1}]",
-        ),
-    )
-    _ok(again)
+    again = _ok(train(tmp, "K", 2, None, strategy=EDIT, extra=kill))  # the kill fires once per run folder
     assert "resuming from" in again.output
     got = {r["step"]: r for r in again.rows()}  # the resumed run's rows are appended after the first run's
     for s in range(11, STEPS + 1):
