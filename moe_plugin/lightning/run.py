@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.config.validate import ConfigError, validate_config
 from moe_plugin.lightning.callbacks.summary import RunSummary
+from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build_trainer, instantiate_list
@@ -46,7 +47,7 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(cfg.data, _convert_="partial")
-    module = build_module(cfg, getattr(datamodule, "vocab_size", None))
+    module = module_for_evaluation(cfg, build_module(cfg, getattr(datamodule, "vocab_size", None)))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
     loggers = instantiate_list(cfg.get("logger"))
@@ -62,6 +63,8 @@ def run(cfg: DictConfig) -> float | None:
             {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         )
 
+    test = run_test(trainer, module, datamodule, output_dir, trainer.global_step) if cfg.get("test") else {}
+
     counts = _whole_model_counts(cfg, module)
     summary = {
         "val_loss": metrics.get("val/loss"),
@@ -74,7 +77,10 @@ def run(cfg: DictConfig) -> float | None:
         "active_params": counts.active,
         "run_dir": str(output_dir.resolve()),
         "best_checkpoint": _best_checkpoint(trainer),
+        **test,
     }
+    if trainer.is_global_zero and trainer.world_size == 1:  # generation on one rank only (EP needs all ranks)
+        summary["samples"] = sample_lines(module.model, datamodule, int(cfg.get("sample_lines", 0) or 0))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -168,4 +174,6 @@ def _format_summary(s: dict[str, Any]) -> str:
         f"  params          {s['total_params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active\n"
         f"  run folder      {s['run_dir']}\n"
         f"  checkpoint      {s['best_checkpoint']}\n"
+        + (format_test(s) if "test/loss" in s else "")
+        + "".join(f"  sample          {line[:150]}\n" for line in s.get("samples") or [])
     )
