@@ -71,6 +71,12 @@ class MoELanguageModule(pl.LightningModule):
         self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
         return lm_loss
 
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # the LM loss only (no auxiliary losses), averaged over tokens; evaluate.py derives perplexity and bpb
+        lm_loss, _, _ = self._step(batch)
+        self.log("test/loss", lm_loss, sync_dist=True, batch_size=batch.shape[0])
+        return lm_loss
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The model's constructor arguments: export, generation and evaluation rebuild it from the file alone.
         config = getattr(self.model, "init_kwargs", None)

@@ -17,11 +17,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe_plugin.config.validate import ConfigError, validate_config
+from moe_plugin.config.validate import validate_config
+from moe_plugin.errors import ConfigError
 from moe_plugin.lightning.callbacks.summary import RunSummary
+from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
-from moe_plugin.lightning.trainer import build_trainer, instantiate_list
+from moe_plugin.lightning.trainer import build, build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
 
 log = logging.getLogger(__name__)
@@ -34,19 +36,24 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
             f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary ({vocab_size}). "
             f"Set model.vocab_size={vocab_size} or more."
         )
-    model = instantiate(cfg.model, _convert_="partial")
+    model = build(cfg.model, "model", _convert_="partial")
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
     assert isinstance(optim, dict)
     return MoELanguageModule(model, **optim)
 
 
 def run(cfg: DictConfig) -> float | None:
-    validate_config(cfg)
+    validate_config(cfg, optim_target=MoELanguageModule)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data, _convert_="partial")
-    module = build_module(cfg, getattr(datamodule, "vocab_size", None))
+    # Everything that can fail on user input comes first (data, checkpoint to resume from), before the model,
+    # the loggers and the trainer exist: a bad corpus or checkpoint path costs a second, not a model build.
+    datamodule = build(cfg.data, "data", _convert_="partial")
+    if (cfg.get("train", True) or cfg.get("test", False)) and hasattr(datamodule, "prepare_corpus"):
+        datamodule.prepare_corpus()
+    ckpt_path = resolve_resume(cfg) if cfg.get("train", True) else None
+    module = module_for_evaluation(cfg, build_module(cfg, getattr(datamodule, "vocab_size", None)))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
     loggers = instantiate_list(cfg.get("logger"))
@@ -55,12 +62,14 @@ def run(cfg: DictConfig) -> float | None:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("validate_at_end", True):
         metrics.update(
             {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         )
+
+    test = run_test(trainer, module, datamodule, output_dir, trainer.global_step) if cfg.get("test") else {}
 
     counts = _whole_model_counts(cfg, module)
     summary = {
@@ -74,7 +83,10 @@ def run(cfg: DictConfig) -> float | None:
         "active_params": counts.active,
         "run_dir": str(output_dir.resolve()),
         "best_checkpoint": _best_checkpoint(trainer),
+        **test,
     }
+    if trainer.is_global_zero and trainer.world_size == 1:  # generation on one rank only (EP needs all ranks)
+        summary["samples"] = sample_lines(module.model, datamodule, int(cfg.get("sample_lines", 0) or 0))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -168,4 +180,6 @@ def _format_summary(s: dict[str, Any]) -> str:
         f"  params          {s['total_params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active\n"
         f"  run folder      {s['run_dir']}\n"
         f"  checkpoint      {s['best_checkpoint']}\n"
+        + (format_test(s) if "test/loss" in s else "")
+        + "".join(f"  sample          {line[:150]}\n" for line in s.get("samples") or [])
     )
