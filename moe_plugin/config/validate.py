@@ -284,6 +284,8 @@ def _layout_rules(cfg: DictConfig) -> None:
         )
     if ep is None:
         return
+    if "island_size" in strategy or "islands" in strategy:
+        return _island_rules(cfg, strategy)
     if not isinstance(ep, int) or isinstance(ep, bool):
         raise ConfigError(f"strategy.expert_parallel_size={ep!r} must be an integer >= 1.")
     from moe_plugin.parallel.mesh import LayoutError, check_layout
@@ -299,6 +301,30 @@ def _layout_rules(cfg: DictConfig) -> None:
     world = _world_size(cfg)
     try:
         check_layout(world if world is not None else ep, ep, [num_experts])
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _island_rules(cfg: DictConfig, strategy: DictConfig) -> None:
+    """local_sgd: islands partition the world, and each island's EP fits its size and the experts."""
+    from moe_plugin.parallel.islands import (
+        check_islands,
+        parse_expert_parallel_sizes,
+        parse_islands,
+    )
+    from moe_plugin.parallel.mesh import LayoutError
+
+    world = _world_size(cfg)
+    if world is None:
+        return
+    islands_cfg = strategy.get("islands")
+    islands_list = OmegaConf.to_container(islands_cfg) if islands_cfg is not None else None
+    ep = strategy.get("expert_parallel_size")
+    ep = OmegaConf.to_container(ep) if isinstance(ep, ListConfig) else ep
+    num_experts = ((cfg.get("model") or {}).get("moe") or {}).get("num_experts")
+    try:
+        islands = parse_islands(world, strategy.get("island_size") if islands_list is None else None, islands_list)
+        check_islands(islands, parse_expert_parallel_sizes(ep, len(islands)), [num_experts] if num_experts else [])
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

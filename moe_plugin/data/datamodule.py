@@ -159,9 +159,15 @@ class LMDataModule(pl.LightningDataModule):
             sampler.start_sample = self._resume["samples"]
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
+    def _eval_rank_world(self) -> tuple[int, int]:
+        """(rank, ranks) splitting evaluation data: a strategy may use fewer ranks (local_sgd: each island
+        evaluates the whole set), else every rank."""
+        trainer = getattr(self, "trainer", None)
+        return getattr(getattr(trainer, "strategy", None), "evaluation_rank_world", None) or self._rank_world()
+
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        rank, world = self._rank_world()
+        rank, world = self._eval_rank_world()
         sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
@@ -169,7 +175,7 @@ class LMDataModule(pl.LightningDataModule):
         """The held-out test split (data.test_fraction > 0), else the validation split (say so in the results)."""
         assert self.val_set is not None, "call setup() first"
         split = self.test_set if self.test_set is not None else self.val_set
-        rank, world = self._rank_world()
+        rank, world = self._eval_rank_world()
         sampler = GlobalOrderSampler(len(split), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(split, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 

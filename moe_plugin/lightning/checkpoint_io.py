@@ -368,6 +368,8 @@ def check_checkpoint(path: Path | str, deep: bool = True) -> CheckpointCheck:
     try:
         obj = load_weights_only(path / META_FILE)
         shards = list(obj.get("moe_plugin_layout", {}).get("shard_files", []))
+        # files other writers keep in the directory that resuming needs too (local_sgd: the other islands' parts)
+        shards += list(obj.get("moe_plugin_extra_files", []))
         step = obj.get("global_step", meta.global_step)
     except UnsafeCheckpointError as err:
         return CheckpointCheck(path, False, f"unsafe, not loaded: {err}", meta.has_sidecar)

@@ -25,6 +25,7 @@ from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build, build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
+from moe_plugin.parallel.compile import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
             f"Set model.vocab_size={vocab_size} or more."
         )
     model = build(cfg.model, "model", _convert_="partial")
+    if getattr(model, "compile_requested", False):  # model.compile=true: regional torch.compile of each block
+        compile_blocks(model)
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
     assert isinstance(optim, dict)
     return MoELanguageModule(model, **optim)
