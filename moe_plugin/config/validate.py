@@ -184,8 +184,13 @@ def _layout_rules(cfg: DictConfig) -> None:
 
         num_experts = _inspect.signature(MoE).parameters["num_experts"].default
     world = _world_size(cfg)
+    shard = strategy.get("data_parallel_shard_size", 1)
+    replicate = strategy.get("data_parallel_replicate_size")
+    if not isinstance(shard, int) or isinstance(shard, bool):
+        raise ConfigError(f"strategy.data_parallel_shard_size={shard!r} must be an integer >= 1.")
     try:
-        check_layout(world if world is not None else ep, ep, [num_experts])
+        w = world if world is not None else max(ep, shard)
+        check_layout(w, ep, [num_experts], shard, replicate if world is not None else None)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,14 @@ def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(cfg.data, _convert_="partial")
-    module = build_module(cfg, getattr(datamodule, "vocab_size", None))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
     loggers = instantiate_list(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    # strategy=expert_parallel with sharding builds the model on the meta device (no rank holds it whole)
+    init_context = getattr(trainer.strategy, "model_init_context", nullcontext)
+    with init_context():
+        module = build_module(cfg, getattr(datamodule, "vocab_size", None))
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 

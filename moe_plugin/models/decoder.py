@@ -104,12 +104,24 @@ class MoEDecoderLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-style init: N(0, init_std) for embeddings and projections, scaled on residual outputs."""
-        residual_std = self.init_std / (2 * self.num_layers) ** 0.5
         for name, p in self.named_parameters():
             if p.dim() < 2 or p.is_meta:
                 continue
-            is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
-            nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std)
+            self.init_parameter_(name, p)
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise one parameter, or one expert's slice [1, ...] of a stacked expert weight, in place.
+
+        N(0, init_std), and N(0, init_std / sqrt(2 * num_layers)) on residual outputs; vectors (norms, biases)
+        keep their constructor values. moe_plugin.parallel.materialise calls it with a generator derived from
+        the seed, the name and the global expert index (layout-independent init of a meta-device model).
+        """
+        if p.dim() < 2:
+            return
+        residual_std = self.init_std / (2 * self.num_layers) ** 0.5
+        is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
+        nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std, generator=generator)
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V]."""
