@@ -136,6 +136,17 @@ def _model_rules(m: DictConfig) -> None:
             f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}. "
             "Pick num_kv_heads dividing num_heads (GQA groups)."
         )
+    if m.get("activation_checkpointing") is not None:
+        from moe_plugin.parallel.recompute import check_activation_checkpointing
+
+        try:
+            check_activation_checkpointing(
+                m.get("activation_checkpointing"),
+                m.get("activation_checkpointing_target", "blocks"),
+                m.get("activation_checkpointing_every", 1),
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     moe = m.get("moe") or {}
     e, k = moe.get("num_experts"), moe.get("top_k")
     if e is not None and k is not None and not 1 <= k <= e:

@@ -23,6 +23,7 @@ from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
+from moe_plugin.parallel.recompute import apply_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,13 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
             f"Set model.vocab_size={vocab_size} or more."
         )
     model = instantiate(cfg.model, _convert_="partial")
+    # model.activation_checkpointing=none|full|selective, applied from outside (parallel/recompute.py)
+    apply_activation_checkpointing(
+        model,
+        getattr(model, "activation_checkpointing", "none"),
+        getattr(model, "activation_checkpointing_target", "blocks"),
+        getattr(model, "activation_checkpointing_every", 1),
+    )
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
     assert isinstance(optim, dict)
     return MoELanguageModule(model, **optim)

@@ -62,6 +62,9 @@ class MoEDecoderLM(nn.Module):
         dense_ffn_hidden_size: int | None = None,
         moe: dict[str, Any] | None = None,
         init_std: float = 0.02,
+        activation_checkpointing: str = "none",
+        activation_checkpointing_target: str = "blocks",
+        activation_checkpointing_every: int = 1,
     ) -> None:
         super().__init__()
         if norm_head and tie_embeddings:
@@ -81,6 +84,10 @@ class MoEDecoderLM(nn.Module):
         self.rope_theta = rope_theta
         self.max_seq_len = max_seq_len
         self.init_std = init_std
+        # training settings recorded here, applied from outside by moe_plugin.parallel.recompute (no model math)
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing_target = activation_checkpointing_target
+        self.activation_checkpointing_every = activation_checkpointing_every
 
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         blocks = []
