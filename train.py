@@ -5,7 +5,8 @@
     python train.py -m optim.lr=1e-3,2e-3             # a sweep
     python train.py -m hparams_search=optuna          # an Optuna sweep
 
-See docs/configuration.md for every group and key.
+See docs/configuration.md for every group and key. A user error (bad config value, missing or unsafe
+checkpoint, empty corpus, full disk) prints one line and exits with status 2, leaving no run folder behind.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ import hydra
 from omegaconf import DictConfig
 
 import moe_plugin  # noqa: F401  (registers strategies and accelerators with Lightning)
-from moe_plugin.config.validate import ConfigError
-from moe_plugin.lightning.run import run
+from moe_plugin.errors import USER_ERROR_EXIT, ConfigError, UserError
+from moe_plugin.lightning.run import discard_unstarted_run_folder, run
 
 
 @hydra.main(version_base="1.3", config_path="moe_plugin/conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except UserError as err:
+        discard_unstarted_run_folder()
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{kind}: {err}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 if __name__ == "__main__":

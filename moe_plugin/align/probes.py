@@ -8,9 +8,9 @@ Probe points, by the module that produces them (name = module path + kind):
                     token picks a different expert, permute/experts outputs of that layer are
                     comparable only through order-independent norms
     permute         GroupedExperts input: token copies grouped by expert (the permute result)
-    all_to_all      dispatcher output (tokens after the expert-parallel exchange), when a dispatcher is set
+    all_to_all      dispatcher output (tokens after the expert-parallel exchange), when a non-local dispatcher is set
     experts         GroupedExperts output (the grouped-GEMM path or its fallback)
-    all_to_all_back dispatcher combine output, when a dispatcher is set
+    all_to_all_back dispatcher combine output, when a non-local dispatcher is set
     shared_experts  shared-expert MLP output
     moe             MoE output: unpermute + probs-weighted combine + shared experts
     mlp             dense FFN output (first_k_dense blocks)
@@ -30,6 +30,7 @@ from torch import nn
 
 from moe_plugin.align.fingerprint import Fingerprint, fingerprint
 from moe_plugin.layers.attention import Attention
+from moe_plugin.layers.dispatcher import LocalDispatcher
 from moe_plugin.layers.experts import GroupedExperts
 from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
@@ -76,7 +77,7 @@ class ModuleProbes:
                     f"{name.rsplit('.', 1)[0]}.permute" if "." in name else "permute", "permute", module, pre=True
                 )
             self._add(name, kind, module)
-            if isinstance(module, MoE) and module.dispatcher is not None:
+            if isinstance(module, MoE) and not isinstance(module.dispatcher, LocalDispatcher):
                 self._wrap_dispatcher(name, module)
 
     def _add(self, point: str, kind: str, module: nn.Module, pre: bool = False) -> None:

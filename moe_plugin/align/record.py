@@ -175,7 +175,7 @@ def record(cfg: RecordConfig) -> dict[str, Any]:
 
     vocab = int(cfg.model.get("vocab_size", DEFAULT_MODEL["vocab_size"]))
     if cfg.batches_file:
-        batches = torch.load(cfg.batches_file)
+        batches = torch.load(cfg.batches_file, weights_only=True)
         if batches.dim() != 3 or batches.shape[0] < cfg.steps:
             raise ValueError(
                 f"--batches {cfg.batches_file}: need [steps>={cfg.steps}, B, S+1], got {list(batches.shape)}."

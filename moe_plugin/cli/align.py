@@ -105,7 +105,7 @@ def _run_record(args: argparse.Namespace) -> int:
         import torch
 
         if args.batches:
-            batches = torch.load(args.batches)[: cfg.steps]
+            batches = torch.load(args.batches, weights_only=True)[: cfg.steps]
         else:
             batches = markov_batches(cfg.steps, cfg.batch_size, cfg.seq_len, int(cfg.model["vocab_size"]), cfg.seed)
         Path(args.save_batches).parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 inspect:     layout (EP, world size, experts per layer, shard files), step, epoch, data position and
              validity (checksums, missing shards) of a sharded directory or a plain checkpoint file.
-             Reads meta.pt only.
+             Reads meta.pt only. A truncated, empty or unreadable checkpoint is reported (valid False, the
+             reason, exit status 1), not a crash: diagnosing those is what the command is for.
 consolidate: a sharded expert-parallel checkpoint directory -> one plain Lightning checkpoint file
              with every expert and the full optimizer state, for a single device, export, or plain
              Lightning training (`ckpt_path=OUT` with any strategy).
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moe_plugin.errors import USER_ERROR_EXIT, CheckpointError, UnsafeCheckpointError
+from moe_plugin.lightning.checkpoint_io import check_checkpoint, load_weights_only
 from moe_plugin.parallel.checkpoint import CheckpointFormatError, consolidate, describe
 
 HELP = "Inspect or consolidate checkpoints (sharded expert-parallel directories or plain files)."
@@ -34,25 +38,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """Every read is weights_only (a checkpoint cannot run code); errors name the file."""
+    obj = load_weights_only(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a Lightning checkpoint dict.")
+    return obj
 
 
 def _validity(path: Path) -> dict[str, Any]:
-    """Checksums and completeness via the reliability layer's checker when it is installed."""
-    try:
-        from moe_plugin.lightning.checkpoint_io import check_checkpoint  # type: ignore[attr-defined]
-    except ImportError:
-        return {"valid": None, "reason": "checksum checker not available (moe_plugin.lightning.checkpoint_io)"}
+    """Checksums and completeness (the same checker resume=auto uses)."""
     check = check_checkpoint(path)
     return {"valid": bool(check.valid), "reason": str(check.reason)}
+
+
+def _unreadable(path: Path, err: CheckpointError, as_json: bool) -> int:
+    """Report a checkpoint whose contents cannot be read (truncated, empty, not a checkpoint): status 1."""
+    info = {"path": str(path), "kind": "sharded" if path.is_dir() else "plain", **_validity(path)}
+    info["valid"] = False
+    if info["reason"].startswith(("checksum ok", "size ok", "plain file", "meta.pt and")):
+        info["reason"] = str(err)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"checkpoint      {info['path']}  ({info['kind']})")
+        print(f"valid           False  ({info['reason']})")
+    return 1
 
 
 def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
-        print(f"moe-plugin ckpt inspect: {path} does not exist.")
-        return 2
-    info = describe(path, _load)
+        print(f"moe-plugin ckpt inspect: {path} does not exist.", file=sys.stderr)
+        return USER_ERROR_EXIT
+    try:
+        info = describe(path, _load)
+    except UnsafeCheckpointError as err:
+        print(f"moe-plugin ckpt inspect: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except CheckpointError as err:
+        return _unreadable(path, err, args.json)
     info.update(_validity(path))
     if info.get("missing_files"):
         info["valid"] = False
@@ -76,9 +100,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     try:
         full = consolidate(args.path, _load)
-    except CheckpointFormatError as err:
-        print(f"moe-plugin ckpt consolidate: {err}")
-        return 2
+    except (CheckpointFormatError, CheckpointError) as err:
+        print(f"moe-plugin ckpt consolidate: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(full, out)

@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def parse_overrides(items: list[str]) -> tuple[dict[str, str], list[str], str | None, dict[str, Any], dict[str, float]]:
+def parse_overrides(
+    items: list[str], own_keys: tuple[str, ...] = OWN_KEYS
+) -> tuple[dict[str, str], list[str], str | None, dict[str, Any], dict[str, float]]:
     """Split key=value items into our keys, model overrides, hardware name, hardware field overrides, rates."""
     own: dict[str, str] = {}
     model: list[str] = []
@@ -68,11 +70,11 @@ def parse_overrides(items: list[str]) -> tuple[dict[str, str], list[str], str | 
             hw_fields[key.split(".", 1)[1]] = OmegaConf.from_dotlist([f"v={value}"]).v
         elif key.startswith("rate."):
             rates[key.split(".", 1)[1]] = float(value)
-        elif key in OWN_KEYS:
+        elif key in own_keys:
             own[key] = value
         else:
             raise ValueError(
-                f"unknown key {key!r}: use model=, model.*, hardware=, hardware.*, rate.*, or {', '.join(OWN_KEYS)}."
+                f"unknown key {key!r}: use model=, model.*, hardware=, hardware.*, rate.*, or {', '.join(own_keys)}."
             )
     return own, model, hardware, hw_fields, rates
 

@@ -26,13 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def inspect_model(overrides: list[str], seq_len: int | None = None) -> dict:
+def build_meta_model(overrides: list[str], seq_len: int | None = None) -> tuple[str, torch.nn.Module, int]:
+    """(model group choice, the model built on the meta device, seq_len: given, else model.max_seq_len)."""
     cfg = compose_config(overrides, return_hydra_config=True)
     name = cfg.hydra.runtime.choices.get("model")
     check_target_kwargs(cfg.model, "model")
     with torch.device("meta"):
         model = instantiate(cfg.model, _convert_="partial")
-    seq_len = int(seq_len or cfg.model.get("max_seq_len") or cfg.data.get("seq_len"))
+    return name, model, int(seq_len or cfg.model.get("max_seq_len") or cfg.data.get("seq_len"))
+
+
+def inspect_model(overrides: list[str], seq_len: int | None = None) -> dict:
+    name, model, seq_len = build_meta_model(overrides, seq_len)
     counts = count_parameters(model)
     return {
         "model": name,

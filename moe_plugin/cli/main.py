@@ -17,6 +17,9 @@ SUBCOMMANDS = {
     "cost": "moe_plugin.cli.cost",
     "align": "moe_plugin.cli.align",
     "ckpt": "moe_plugin.cli.ckpt",
+    "plan": "moe_plugin.cli.plan",
+    "convert": "moe_plugin.cli.convert",
+    "generate": "moe_plugin.cli.generate",
 }
 
 

@@ -29,3 +29,5 @@ class TopConfig:
     tags: list[str] = field(default_factory=list)
     train: bool = True
     validate_at_end: bool = True
+    test: bool = False
+    sample_lines: int = 3

@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from moe_plugin.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
+__all__ = ["ConfigError", "check_target_kwargs", "validate_config"]
 
 
 def _signature_params(target: Any) -> dict[str, inspect.Parameter]:

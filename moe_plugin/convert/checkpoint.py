@@ -4,7 +4,7 @@ The converted model's non-FFN keys are the dense model's keys, unchanged. Each M
 made keeps, in `moe.moefy_source`, the layout of the FFN it replaced, so the dense FFN's keys under the
 same prefix (e.g. "layers.0.mlp.gate_proj.weight") are read and upcycled into it (upcycle.py). This is
 the path for models too large to build densely first: build on the meta device, `moefy(...)`,
-`to_empty(device=...)`, then `load_dense_state_dict(model, torch.load(dense_ckpt))`.
+`to_empty(device=...)`, then `load_dense_state_dict(model, torch.load(dense_ckpt, weights_only=True))`.
 """
 
 from __future__ import annotations

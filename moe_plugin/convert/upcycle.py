@@ -214,6 +214,5 @@ def max_abs_diff(dense_module: nn.Module, moe: MoE, num_tokens: int = 16, seed: 
         moe.train(modes[1])
         # The probe is not a training step: leave no aux loss or load statistics behind.
         moe.aux_loss = None
-        moe.last_losses = {}
-        moe.last_tokens_per_expert_E = None
+        moe.stats.clear()
     return float((out - ref).abs().max()), float(ref.abs().max())

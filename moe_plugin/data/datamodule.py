@@ -55,6 +55,7 @@ class LMDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         seed: int = 1234,
+        test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if seq_len < 1:
@@ -63,6 +64,13 @@ class LMDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_size={batch_size} must be positive.")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1, e.g. 0.05.")
+        if not 0.0 <= test_fraction < 1.0 - val_fraction:
+            raise ValueError(
+                f"data.test_fraction={test_fraction} must be >= 0 and leave documents for training "
+                f"(val_fraction + test_fraction < 1), e.g. 0.05."
+            )
+        self.test_fraction = test_fraction
+        self.test_set: TokenWindows | None = None
         self.source = source
         self.tokenizer = tokenizer or ByteTokenizer()
         self.seq_len = seq_len
@@ -84,10 +92,18 @@ class LMDataModule(pl.LightningDataModule):
             return
         train_parts: list[np.ndarray] = []
         val_parts: list[np.ndarray] = []
-        n_docs = 0
+        test_parts: list[np.ndarray] = []
+        n_docs = test_bytes = 0
         for name, data in self.source:
             ids = self.tokenizer.encode(data)
-            (val_parts if is_validation(name, self.val_fraction) else train_parts).append(ids)
+            if is_validation(name, self.val_fraction):
+                val_parts.append(ids)
+            elif self.test_fraction and is_validation(name, self.val_fraction + self.test_fraction):
+                # the next slice of the same hash range: documents in neither train nor validation
+                test_parts.append(ids)
+                test_bytes += len(data)
+            else:
+                train_parts.append(ids)
             n_docs += 1
         source_name = type(self.source).__name__
         if n_docs == 0:
@@ -95,6 +111,8 @@ class LMDataModule(pl.LightningDataModule):
                 f"The corpus from {source_name} is empty: no non-empty document was found. Check data.source "
                 "(paths, pattern) or pick another data= option."
             )
+        if not train_parts and test_parts:  # tiny corpora: training comes before a test split
+            train_parts, test_parts, test_bytes = test_parts, [], 0
         if not val_parts:  # tiny corpora: hold out the last document
             val_parts.append(train_parts.pop())
         if not train_parts:
@@ -116,6 +134,11 @@ class LMDataModule(pl.LightningDataModule):
             "train_tokens": int(len(train_tokens)),
             "val_tokens": int(len(val_tokens)),
         }
+        test_tokens = np.concatenate(test_parts) if test_parts else np.zeros(0, dtype=np.int32)
+        if len(test_tokens) >= self.seq_len + 1:
+            self.test_set = TokenWindows(test_tokens, self.seq_len)
+            # bytes per token of the test split, for bits per byte (1 for the byte tokenizer)
+            self.stats.update(test_tokens=int(len(test_tokens)), test_bytes=int(test_bytes))
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -135,6 +158,14 @@ class LMDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test split (data.test_fraction > 0), else the validation split (say so in the results)."""
+        assert self.val_set is not None, "call setup() first"
+        split = self.test_set if self.test_set is not None else self.val_set
+        rank, world = self._rank_world()
+        sampler = GlobalOrderSampler(len(split), self.batch_size, rank, world, shuffle=False, drop_last=False)
+        return DataLoader(split, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
         """Data position: the epoch and the global samples consumed in it (world-size independent)."""

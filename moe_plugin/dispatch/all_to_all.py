@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_plugin.dispatch.base import TokenDispatcher
+from moe_plugin.layers.dispatcher import TokenDispatcher
 
 
 class _AllToAllSingle(torch.autograd.Function):
@@ -114,7 +114,7 @@ def regroup_index(recv_RL: torch.Tensor) -> torch.Tensor:
 class AllToAllDispatcher(TokenDispatcher):
     """Expert-parallel token dispatcher over `group` (the expert group of the mesh, EP ranks).
 
-    Implements moe_plugin.dispatch.base.TokenDispatcher: num_experts (global, E), num_local_experts (L),
+    Implements moe_plugin.layers.dispatcher.TokenDispatcher: num_experts (global, E), num_local_experts (L),
     local_expert_offset (first global id held here).
     """
 

@@ -4,8 +4,18 @@ from moe_plugin.kernels.grouped_mm import (
     GroupedMM,
     grouped_mm_backend_name,
     grouped_mm_loop,
+    grouped_mm_mm,
     grouped_mm_torch,
     select_grouped_mm,
 )
+from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
-__all__ = ["GroupedMM", "grouped_mm_backend_name", "grouped_mm_loop", "grouped_mm_torch", "select_grouped_mm"]
+__all__ = [
+    "GroupedMM",
+    "grouped_mm_backend_name",
+    "grouped_mm_loop",
+    "grouped_mm_mm",
+    "grouped_mm_torch",
+    "select_grouped_mm",
+    "swiglu_experts",
+]

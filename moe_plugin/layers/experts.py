@@ -7,8 +7,10 @@ parallelism), D hidden, F expert FFN hidden, N token copies sorted by (local) ex
     y_ND = h_NF @ w_down_EFD[e]                                 for each copy n of expert e
 
 `forward` takes token copies already grouped by expert (see permute.py, dispatch/) with the count per
-expert, and runs the three projections through the grouped-matmul seam (moe_plugin.kernels):
-torch._grouped_mm where it works, a sort-and-loop fallback elsewhere.
+expert, and runs the three projections through the grouped-matmul seam (moe_plugin.kernels): on CPU (and
+with grouped_mm_backend="mm") the whole MLP as one fused autograd node of per-expert GEMMs
+(kernels/swiglu_experts.py), torch._grouped_mm on accelerators where it works, the reference loop on
+request. `experts_loop` below is the slow, obvious reference the fast paths are tested against.
 
 Expert parallelism: a rank holds `num_experts` = E_local experts whose global ids are
 expert_offset .. expert_offset + E_local - 1 (checkpoints store experts by global id).
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, select_grouped_mm
+from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, grouped_mm_mm, select_grouped_mm
+from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
 
 class GroupedExperts(nn.Module):
@@ -67,6 +70,9 @@ class GroupedExperts(nn.Module):
                 "(one count per local expert)."
             )
         gmm = self.grouped_mm(x_ND)
+        if gmm is grouped_mm_mm:
+            # The per-expert mm path (the CPU default): the whole SwiGLU MLP as one autograd node.
+            return swiglu_experts(x_ND, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, tokens_per_expert_E)
         if fuse_gate_up(self.num_experts, self.hidden_size, x_ND.shape[0]):
             # Gate and up as ONE grouped GEMM of width 2F: half the kernel calls (per expert on CPU),
             # wider GEMMs. The weights stay separate parameters (checkpoints, expert parallelism and

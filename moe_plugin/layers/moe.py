@@ -19,13 +19,13 @@ optimizer step's micro-batches and, through `count_reduce`, over data-parallel r
 `count_reduce` is set (expert parallelism sets it), the micro-batch loss also uses counts summed over
 ranks: the loss of the global micro-batch, equal to one process's on the same global batch.
 
-Cheap statistics, all detached tensors (no host sync), for the ExpertLoad callback:
-    last_tokens_per_expert_E, last_dropped, last_num_copies, last_losses {balance_loss, z_loss, router_entropy}
-    total_tokens_per_expert_E, total_dropped, total_copies     (monotonic over training forwards)
-    step_tokens_per_expert_E  (routed copies since `start_step()`: the current optimizer step)
+Routing statistics (routing_stats.py) live in `moe.stats`, a RoutingStats: the last forward's counts and
+losses by reference (no extra op), the optimizer step's counts and running totals only while something
+tracks them (the layer's own global-batch loss and expert bias, the ExpertLoad callback).
 
 Hooks set from outside, never read from global state:
-    dispatcher:  a dispatch.base.TokenDispatcher (None = every expert is local, nothing moves)
+    dispatcher:  a layers.dispatcher.TokenDispatcher; LocalDispatcher (every expert here) by default,
+                 expert parallelism installs dispatch.AllToAllDispatcher
     count_reduce: callable summing a count tensor over the data-parallel group (None = single process)
 `start_step(step)` (called by the RouterUpdates callback before each optimizer step's first micro-batch)
 sets the routing-warmup step and opens a new counting window for the global-batch loss and expert bias.
@@ -35,36 +35,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from moe_plugin.layers.dispatcher import LocalDispatcher, TokenDispatcher
 from moe_plugin.layers.experts import GroupedExperts
 from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.losses import (
     load_balancing_loss,
-    router_entropy,
     router_z_loss,
     sequence_load_balancing_loss,
 )
 from moe_plugin.layers.permute import DROP_POLICIES, Permuted, expert_capacity, permute, unpermute
 from moe_plugin.layers.router import RouterOutput, TopKRouter
+from moe_plugin.layers.routing_stats import RoutingStats
 from moe_plugin.layers.routing_warmup import in_backward
 
 BALANCE_LOSS_TYPES = ("micro_batch", "sequence", "global_batch")
-
-
-class TokenDispatcher(Protocol):
-    """Structural type of moe_plugin.dispatch.base.TokenDispatcher (layers do not import dispatch/)."""
-
-    num_experts: int
-    num_local_experts: int
-    local_expert_offset: int
-
-    def dispatch(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def combine(self, y_MD: torch.Tensor) -> torch.Tensor: ...
 
 
 class MoE(nn.Module):
@@ -148,18 +136,12 @@ class MoE(nn.Module):
             nn.Linear(hidden_size, 1, bias=False) if (shared_expert_gate and self.shared_experts) else None
         )
 
-        self.dispatcher: TokenDispatcher | None = None
+        self.dispatcher: TokenDispatcher = LocalDispatcher(num_experts)
         self.count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.aux_loss: torch.Tensor | None = None
-        self.last_losses: dict[str, torch.Tensor] = {}
-        self.last_tokens_per_expert_E: torch.Tensor | None = None
-        self.last_dropped: torch.Tensor | None = None
-        self.last_num_copies = 0
-        # Plain attributes, not buffers: DDP would overwrite buffers with rank 0's values every forward.
-        self.total_tokens_per_expert_E: torch.Tensor | None = None
-        self.total_dropped: torch.Tensor | None = None
-        self.total_copies = 0
-        self.step_tokens_per_expert_E: torch.Tensor | None = None
+        self.stats = RoutingStats(num_experts)
+        # The layer's own math reads the step window: the global-batch loss and the expert-bias update.
+        self.stats.track_step = balance_loss_type == "global_batch" or expert_bias
         self._driven = False
         self._warned_undriven = False
 
@@ -177,9 +159,10 @@ class MoE(nn.Module):
             self._capacity(x_TD.shape[0]),
             self.drop_policy,
         )
-        x_MD, tokens_per_local_expert_L = self._dispatch(permuted.x_ND, permuted.tokens_per_expert_E)
+        self._check_dispatcher()
+        x_MD, tokens_per_local_expert_L = self.dispatcher.dispatch(permuted.x_ND, permuted.tokens_per_expert_E)
         y_MD = self.experts(x_MD, tokens_per_local_expert_L)
-        y_ND = self.dispatcher.combine(y_MD) if self.dispatcher is not None else y_MD
+        y_ND = self.dispatcher.combine(y_MD)
         out_TD = unpermute(y_ND, routing.probs_TK, permuted.state)
         if self.shared_experts is not None:
             out_TD = out_TD + self._shared(x_TD)
@@ -192,21 +175,14 @@ class MoE(nn.Module):
             return None
         return expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
 
-    def _dispatch(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dispatcher is None:
-            if self.experts.num_experts != self.num_experts:
-                raise RuntimeError(
-                    f"experts hold {self.experts.num_experts} of {self.num_experts} experts but no dispatcher is set; "
-                    "expert parallelism must set moe.dispatcher (see moe_plugin/dispatch/base.py)."
-                )
-            return x_ND, tokens_per_expert_E
-        d = self.dispatcher
-        if d.num_local_experts != self.experts.num_experts or d.local_expert_offset != self.experts.expert_offset:
+    def _check_dispatcher(self) -> None:
+        d, ex = self.dispatcher, self.experts
+        if d.num_local_experts != ex.num_experts or d.local_expert_offset != ex.expert_offset:
             raise RuntimeError(
                 f"dispatcher serves local experts [{d.local_expert_offset}, {d.local_expert_offset + d.num_local_experts}) "
-                f"but moe.experts holds [{self.experts.expert_offset}, {self.experts.expert_offset + self.experts.num_experts})."
+                f"but moe.experts holds [{ex.expert_offset}, {ex.expert_offset + ex.num_experts}); expert parallelism "
+                "must install a matching dispatcher (moe_plugin.parallel.apply_expert_parallel does)."
             )
-        return d.dispatch(x_ND, tokens_per_expert_E)
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared_experts(x_TD)  # type: ignore[misc]
@@ -216,15 +192,14 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------------------ losses and stats
     def _record(self, routing: RouterOutput, permuted: Permuted, shape: torch.Size) -> None:
-        routed_E = permuted.routed_tokens_per_expert_E.detach()
+        routed_E = permuted.routed_tokens_per_expert_E
         # Activation-checkpoint recomputation (inside backward) computes the same tensors, so the saved
         # tensors match, but must not count the tokens a second time.
         counting = self.training and torch.is_grad_enabled() and not in_backward()
         if counting:
             self._warn_if_undriven()
-            self.step_tokens_per_expert_E = (
-                routed_E.clone() if self.step_tokens_per_expert_E is None else self.step_tokens_per_expert_E + routed_E
-            )
+            if self.stats.track_step:  # before the loss: the global-batch loss includes this micro-batch
+                self.stats.add_to_step(routed_E)
 
         scores_TE = routing.scores_TE
         if self.score_func == "sigmoid":  # balance and entropy need a distribution over experts
@@ -232,24 +207,8 @@ class MoE(nn.Module):
         balance = self._balance_loss(scores_TE, routing.topk_ids_TK, routed_E, shape)
         z = router_z_loss(routing.logits_TE)
         self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z
-        with torch.no_grad():
-            self.last_losses = {
-                "balance_loss": balance.detach(),
-                "z_loss": z.detach(),
-                "router_entropy": router_entropy(scores_TE.detach()),
-            }
-        dropped = permuted.num_dropped.detach()
-        self.last_tokens_per_expert_E = routed_E
-        self.last_dropped = dropped
-        self.last_num_copies = routing.topk_ids_TK.numel()
-        if counting:
-            self.total_tokens_per_expert_E = (
-                routed_E.clone()
-                if self.total_tokens_per_expert_E is None
-                else self.total_tokens_per_expert_E + routed_E
-            )
-            self.total_dropped = dropped.clone() if self.total_dropped is None else self.total_dropped + dropped
-            self.total_copies += self.last_num_copies
+        num_copies = routing.topk_ids_TK.numel()
+        self.stats.record(routed_E, permuted.tokens_per_expert_E, num_copies, balance, z, scores_TE, counting)
 
     def _balance_loss(
         self, scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, routed_E: torch.Tensor, shape: torch.Size
@@ -261,8 +220,8 @@ class MoE(nn.Module):
             )
         counts_E = routed_E
         if self.balance_loss_type == "global_batch":
-            if self.training and torch.is_grad_enabled() and self.step_tokens_per_expert_E is not None:
-                counts_E = self.step_tokens_per_expert_E
+            if self.training and torch.is_grad_enabled() and self.stats.step_tokens_per_expert_E is not None:
+                counts_E = self.stats.step_tokens_per_expert_E
         if self.count_reduce is not None:
             # summed over data-parallel ranks: the micro-batch loss of the GLOBAL micro-batch (what one
             # process computes on the same global batch), or the global-batch loss
@@ -290,7 +249,7 @@ class MoE(nn.Module):
         self._driven = True
         if self.router.warmup is not None:
             self.router.warmup.set_step(step)
-        self.step_tokens_per_expert_E = None
+        self.stats.start_step()
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

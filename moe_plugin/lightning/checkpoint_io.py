@@ -12,9 +12,13 @@ How a save works (the training step is blocked only for step 1):
 A crash during 2 leaves only a hidden temporary file; a crash between the two renames of 3 leaves a complete
 file without a sidecar (treated as a plain file, see below). Loading verifies size and sha256 first.
 
-Validity (CHECKPOINT-CONTRACT.md, rule 4):
+Reading: every load goes through `load_weights_only` (torch.load with weights_only=True): a checkpoint holds
+tensors and plain data only, so a crafted file cannot run code when resumed or inspected; one that needs more is
+refused with UnsafeCheckpointError naming the file (a checksum proves integrity, not good intent).
+
+Validity (what resume=auto accepts):
     file       its sidecar matches (size, then sha256); without a sidecar it is a plain/legacy file, valid if
-               torch.load can read it
+               load_weights_only can read it
     directory  (expert-parallel sharded) `meta.pt` and every file listed in
                meta["moe_plugin_layout"]["shard_files"] exist, and each sidecar matches
 `find_latest_valid(folder)` tries checkpoints with sidecars newest first (by global step, then mtime) and
@@ -30,6 +34,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+from moe_plugin.errors import CheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ META_FILE = "meta.pt"
 _CHUNK = 1 << 22
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose bytes do not match its checksum sidecar (truncated, partially copied, bit rot)."""
 
 
@@ -223,6 +229,48 @@ def write_checkpoint_file(checkpoint: dict[str, Any], path: Path | str, fsync: b
     return record
 
 
+# ---------------------------------------------------------------------------------------------------- reading
+def load_weights_only(path: Path | str, map_location: Any = "cpu", mmap: bool = True) -> Any:
+    """torch.load(path, weights_only=True): tensors, containers and plain values only, never code.
+
+    Raises UnsafeCheckpointError for a file that needs arbitrary Python objects (a pickle that could run code:
+    moe_plugin's own checkpoints never do) and CheckpointError for one that is empty, truncated or not a torch
+    file; both name the file. `mmap` reads tensors lazily (inspecting a large file reads its metadata only).
+    """
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap can only be used" in str(err)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        refused = next((line for line in str(err).splitlines() if "global" in line.lower()), "")
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain data "
+            f"({refused.strip() or 'weights_only=True refuses it'}); loading it could run arbitrary code. moe_plugin "
+            "checkpoints never need this: use a checkpoint written by moe_plugin/Lightning, or one you re-save "
+            "as a plain state_dict."
+        ) from None
+    except (EOFError, RuntimeError, ValueError, OSError) as err:
+        size = path.stat().st_size if path.is_file() else None
+        what = (
+            "an empty file"
+            if size == 0
+            else f"not a readable torch checkpoint ({type(err).__name__}: {_first_line(err)})"
+        )
+        raise CheckpointError(
+            f"checkpoint {path} is {what}: truncated, still being written, or not a checkpoint. Use another one "
+            "(resume=auto picks the newest valid checkpoint)."
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else "")[:200]
+
+
 # ---------------------------------------------------------------------------------------------------- validity
 @dataclass
 class CheckpointCheck:
@@ -259,11 +307,13 @@ def check_file(path: Path | str, deep: bool = True) -> CheckpointCheck:
     side = _read_sidecar(path)
     if side is None:
         try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as err:  # any unreadable file is simply not a checkpoint we can resume from
-            return CheckpointCheck(path, False, f"no sidecar and torch.load fails ({type(err).__name__})", False)
+            obj = load_weights_only(path)
+        except UnsafeCheckpointError as err:
+            return CheckpointCheck(path, False, f"unsafe, not loaded: {err}", False)
+        except CheckpointError as err:  # any unreadable file is simply not a checkpoint we can resume from
+            return CheckpointCheck(path, False, f"no sidecar and it cannot be read ({err})", False)
         step = obj.get("global_step") if isinstance(obj, dict) else None
-        return CheckpointCheck(path, True, "plain file (no sidecar), torch.load works", False, step)
+        return CheckpointCheck(path, True, "plain file (no sidecar), readable", False, step)
     step = side.get("global_step")
     size = path.stat().st_size
     if size != side.get("bytes"):
@@ -286,11 +336,13 @@ def check_checkpoint(path: Path | str, deep: bool = True) -> CheckpointCheck:
     if not meta.valid:
         return CheckpointCheck(path, False, f"{META_FILE}: {meta.reason}", meta.has_sidecar, meta.global_step)
     try:
-        obj = torch.load(path / META_FILE, map_location="cpu", mmap=True, weights_only=False)
+        obj = load_weights_only(path / META_FILE)
         shards = list(obj.get("moe_plugin_layout", {}).get("shard_files", []))
         step = obj.get("global_step", meta.global_step)
-    except Exception as err:
-        return CheckpointCheck(path, False, f"{META_FILE} unreadable ({type(err).__name__}: {err})", meta.has_sidecar)
+    except UnsafeCheckpointError as err:
+        return CheckpointCheck(path, False, f"unsafe, not loaded: {err}", meta.has_sidecar)
+    except (CheckpointError, AttributeError) as err:
+        return CheckpointCheck(path, False, f"{META_FILE} unreadable ({err})", meta.has_sidecar)
     all_sidecars = meta.has_sidecar
     for name in shards:
         c = check_file(path / name, deep)
@@ -301,7 +353,7 @@ def check_checkpoint(path: Path | str, deep: bool = True) -> CheckpointCheck:
 
 
 def is_valid_checkpoint(path: Path | str) -> bool:
-    """CHECKPOINT-CONTRACT rule 4: the checkpoint file or directory at `path` can be resumed from."""
+    """The checkpoint file or directory at `path` can be resumed from (see the module docstring)."""
     return check_checkpoint(path).valid
 
 
@@ -375,7 +427,8 @@ class AsyncCheckpointIO(CheckpointIO):
         async_save: False writes in the calling thread (still atomic and checksummed).
         fsync: fsync files and folders before publishing (durability across power loss; costs write time,
             not step time when async).
-        verify_on_load: check size and sha256 against the sidecar before torch.load.
+        verify_on_load: check size and sha256 against the sidecar before loading. Loading is always
+            weights_only (load_weights_only), whatever Lightning asks for.
         max_pending: snapshots allowed in flight; a save beyond that waits for the oldest write. Host memory
             for snapshots is at most max_pending copies of the state; the buffers are kept and reused between
             saves (HostBufferPool), so the steady-state cost of a save is one memcpy into warm memory.
@@ -470,18 +523,20 @@ class AsyncCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        # `weights_only` is accepted for Lightning's signature and ignored: False would let a file run code
         target = Path(path)
         self.wait(target)
         if not target.exists():
             raise FileNotFoundError(f"Checkpoint file not found: {target}")
-        if self.verify_on_load and target.is_file():
+        if self.verify_on_load and target.is_file() and sidecar_path(target.resolve()).exists():
+            # without a sidecar there is nothing to verify against: the weights_only load below is the check
             check = check_file(target.resolve(), deep=True)
             if not check.valid:
                 raise CorruptCheckpointError(
                     f"checkpoint {target} is not valid: {check.reason}. Resume from an earlier one "
                     "(resume=auto skips invalid checkpoints) or restore the file."
                 )
-        return pl_load(target, map_location=map_location, weights_only=weights_only)
+        return load_weights_only(target, map_location=map_location, mmap=False)
 
     def remove_checkpoint(self, path: Any) -> None:
         target = Path(path)

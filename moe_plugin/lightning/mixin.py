@@ -71,7 +71,7 @@ def log_moe_losses(module: pl.LightningModule, aux: torch.Tensor, prefix: str = 
     module.log(f"{prefix}aux_loss", aux.detach())
     layers = moe_layers(module)
     for key in LOSS_KEYS:
-        values = [m.last_losses[key] for m in layers if key in m.last_losses]
+        values = [m.stats.losses[key] for m in layers if key in m.stats.losses]
         if values:
             module.log(f"{prefix}{key}", torch.stack(values).float().mean())
 

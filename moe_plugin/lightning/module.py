@@ -61,7 +61,7 @@ class MoELanguageModule(pl.LightningModule):
         if aux is not None and layers:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
             for key in ("balance_loss", "z_loss"):
-                values = [m.last_losses[key] for m in layers if key in m.last_losses]
+                values = [m.stats.losses[key] for m in layers if key in m.stats.losses]
                 if values:
                     self.log(f"train/{key}", torch.stack(values).mean(), batch_size=bs)
         return loss
@@ -70,6 +70,18 @@ class MoELanguageModule(pl.LightningModule):
         lm_loss, _, _ = self._step(batch)
         self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
         return lm_loss
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # the LM loss only (no auxiliary losses), averaged over tokens; evaluate.py derives perplexity and bpb
+        lm_loss, _, _ = self._step(batch)
+        self.log("test/loss", lm_loss, sync_dist=True, batch_size=batch.shape[0])
+        return lm_loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The model's constructor arguments: export, generation and evaluation rebuild it from the file alone.
+        config = getattr(self.model, "init_kwargs", None)
+        if config is not None:
+            checkpoint["model_config"] = config
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.config.validate import ConfigError, validate_config
 from moe_plugin.lightning.callbacks.summary import RunSummary
+from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build_trainer, instantiate_list
@@ -62,6 +64,7 @@ def run(cfg: DictConfig) -> float | None:
     init_context = getattr(trainer.strategy, "model_init_context", nullcontext)
     with init_context():
         module = build_module(cfg, getattr(datamodule, "vocab_size", None))
+    module = module_for_evaluation(cfg, module)  # train=false ckpt_path=...: the checkpoint's own (real) model
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
@@ -72,6 +75,8 @@ def run(cfg: DictConfig) -> float | None:
         metrics.update(
             {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         )
+
+    test = run_test(trainer, module, datamodule, output_dir, trainer.global_step) if cfg.get("test") else {}
 
     counts = _whole_model_counts(cfg, module)
     summary = {
@@ -85,7 +90,10 @@ def run(cfg: DictConfig) -> float | None:
         "active_params": counts.active,
         "run_dir": str(output_dir.resolve()),
         "best_checkpoint": _best_checkpoint(trainer),
+        **test,
     }
+    if trainer.is_global_zero and trainer.world_size == 1:  # generation on one rank only (EP needs all ranks)
+        summary["samples"] = sample_lines(module.model, datamodule, int(cfg.get("sample_lines", 0) or 0))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -93,6 +101,53 @@ def run(cfg: DictConfig) -> float | None:
         print(_format_summary(summary))
     _finish_loggers(trainer, summary)
     return summary["val_loss"]
+
+
+# What Hydra writes into a run folder before our code runs: its config copy and the (possibly empty) log file.
+_HYDRA_BOOKKEEPING = (".hydra", "train.log")
+
+
+def discard_unstarted_run_folder(output_dir: str | Path | None = None) -> bool:
+    """Remove the Hydra run folder of a run that stopped on a user error before starting.
+
+    Hydra creates the folder (config copy, log file) before calling `run`; a run that never started leaves
+    nothing of value in it. Only a folder holding nothing but that bookkeeping is removed (a resumed run's
+    folder has checkpoints and stays), then its parents up to the working directory if they became empty.
+    Returns True if something was removed.
+    """
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return False
+        output_dir = HydraConfig.get().runtime.output_dir
+    folder = Path(output_dir).resolve()
+    logs = {f"{name}.log" for name in _job_names()}
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents:  # hydra.run.dir=. : the working directory is not ours to remove
+        return False
+    if not folder.is_dir() or any(p.name not in (*_HYDRA_BOOKKEEPING, *logs) for p in folder.iterdir()):
+        return False
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Hydra's file handler would re-create the log file on the next record
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().parent == folder:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    while parent != cwd and cwd in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True
+
+
+def _job_names() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(HydraConfig.get().job.name)]
+    except Exception:  # not under Hydra
+        return []
 
 
 def _finish_loggers(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
@@ -132,4 +187,6 @@ def _format_summary(s: dict[str, Any]) -> str:
         f"  params          {s['total_params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active\n"
         f"  run folder      {s['run_dir']}\n"
         f"  checkpoint      {s['best_checkpoint']}\n"
+        + (format_test(s) if "test/loss" in s else "")
+        + "".join(f"  sample          {line[:150]}\n" for line in s.get("samples") or [])
     )

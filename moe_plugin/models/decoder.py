@@ -8,23 +8,35 @@ Open MoE families are expressed by arguments alone:
 - Ling:        shared experts, softmax top-k renormalised, NormHead, untied embeddings.
 - Mixtral:     num_shared_experts=0, norm_topk_prob=True.
 - Qwen-MoE:    one shared expert with shared_expert_gate=True, norm_topk_prob=False.
-- OLMoE:       qk_norm=True, no shared experts.
+- Qwen2-MoE:   as Qwen-MoE, plus attention_bias=True (q/k/v bias).
+- Qwen3-MoE:   qk_norm=True (per head, qk_norm_type="head"), no shared experts.
+- OLMoE:       qk_norm=True with qk_norm_type="full" (over the whole projection), no shared experts, untied.
 - DeepSeekMoE: several shared experts, first_k_dense > 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from moe_plugin.layers.attention import Attention
+from moe_plugin.layers.attention import Attention, KVCache
 from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm import RMSNorm
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.layers.rope import rope_cos_sin
+
+
+def _plain(value: Any) -> Any:
+    """Dicts, lists and scalars only (what torch.load(weights_only=True) and JSON accept)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class DecoderBlock(nn.Module):
@@ -35,8 +47,10 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(hidden_size, norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attn_norm(x_BSD), cos_SDh, sin_SDh)
+    def forward(
+        self, x_BSD: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attn_norm(x_BSD), cos_SDh, sin_SDh, cache)
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
@@ -53,6 +67,8 @@ class MoEDecoderLM(nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         qk_norm: bool = False,
+        qk_norm_type: str = "head",
+        attention_bias: bool = False,
         rope_theta: float = 10000.0,
         max_seq_len: int = 4096,
         norm_eps: float = 1e-6,
@@ -67,6 +83,11 @@ class MoEDecoderLM(nn.Module):
         activation_checkpointing_every: int = 1,
     ) -> None:
         super().__init__()
+        # The constructor arguments, so that a checkpoint can carry the model's config (MoELanguageModule saves
+        # it as checkpoint["model_config"]) and converters rebuild the same model from it.
+        self.init_kwargs: dict[str, Any] = _plain(
+            {k: v for k, v in locals().items() if k not in ("self", "__class__") and not k.startswith("_")}
+        )
         if norm_head and tie_embeddings:
             raise ValueError(
                 "model.norm_head=true cannot be combined with model.tie_embeddings=true: NormHead rescales "
@@ -92,7 +113,17 @@ class MoEDecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         blocks = []
         for i in range(num_layers):
-            attention = Attention(hidden_size, num_heads, num_kv_heads, self.head_dim, qk_norm, norm_eps=norm_eps)
+            attention = Attention(
+                hidden_size,
+                num_heads,
+                num_kv_heads,
+                self.head_dim,
+                qk_norm,
+                bias=attention_bias,
+                norm_eps=norm_eps,
+                qk_norm_type=qk_norm_type,
+                layer_index=i,
+            )
             if i < first_k_dense:
                 ffn: nn.Module = FeedForward(hidden_size, dense_ffn_hidden_size)  # type: ignore[arg-type]
             else:
@@ -130,13 +161,20 @@ class MoEDecoderLM(nn.Module):
         is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
         nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std, generator=generator)
 
-    def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V]."""
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for `forward(..., cache=...)` (generation)."""
+        return KVCache(self.num_layers)
+
+    def forward(self, input_ids_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, S, V]. With `cache`, `input_ids_BS` are the positions after the cached ones."""
         S = input_ids_BS.shape[1]
-        if S > self.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}.")
-        cos_SDh, sin_SDh = rope_cos_sin(S, self.head_dim, self.rope_theta, device=input_ids_BS.device)
+        P = cache.seq_len if cache is not None else 0
+        if P + S > self.max_seq_len:
+            raise ValueError(f"sequence length {P + S} exceeds model.max_seq_len={self.max_seq_len}.")
+        cos_SDh, sin_SDh = rope_cos_sin(P + S, self.head_dim, self.rope_theta, device=input_ids_BS.device)
+        if P:
+            cos_SDh, sin_SDh = cos_SDh[P:], sin_SDh[P:]
         x_BSD = self.embed_tokens(input_ids_BS)
         for block in self.layers:
-            x_BSD = block(x_BSD, cos_SDh, sin_SDh)
+            x_BSD = block(x_BSD, cos_SDh, sin_SDh, cache)
         return self.lm_head(self.norm(x_BSD))

@@ -23,8 +23,8 @@ class GlobalLossRecorder(pl.Callback):
         vals = torch.stack(
             [
                 outputs["loss"].detach().float(),
-                torch.stack([m.last_losses["balance_loss"] for m in layers]).mean().float(),
-                torch.stack([m.last_losses["z_loss"] for m in layers]).mean().float(),
+                torch.stack([m.stats.losses["balance_loss"] for m in layers]).mean().float(),
+                torch.stack([m.stats.losses["z_loss"] for m in layers]).mean().float(),
             ]
         )
         if dist.is_initialized():

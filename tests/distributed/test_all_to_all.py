@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from moe_plugin.dispatch.local import LocalDispatcher
+from moe_plugin.layers.dispatcher import LocalDispatcher
 from moe_plugin.layers.moe import MoE
 from moe_plugin.parallel.apply import apply_expert_parallel
 from moe_plugin.parallel.mesh import build_expert_parallel_mesh

@@ -49,7 +49,7 @@ def _check(rank: int, world: int, ep: int) -> None:
     batch = torch.randint(0, 64, (world * PER_RANK, 17))
     lm_ref, aux_ref = _loss(ref, batch)
     (lm_ref + aux_ref).backward()
-    ref_stats = [dict(m.last_losses) for m in moe_layers(ref)]
+    ref_stats = [dict(m.stats.losses) for m in moe_layers(ref)]
 
     mesh = build_expert_parallel_mesh(ep)
     plan = apply_expert_parallel(model, mesh)
@@ -63,17 +63,17 @@ def _check(rank: int, world: int, ep: int) -> None:
     dist.all_reduce(vals)
     torch.testing.assert_close(vals / world, torch.stack([lm_ref, aux_ref]).detach(), rtol=1e-5, atol=1e-6)
     for layer, stats in zip(moe_layers(model), ref_stats):
-        got = torch.stack([layer.last_losses["balance_loss"], layer.last_losses["z_loss"]])
+        got = torch.stack([layer.stats.losses["balance_loss"], layer.stats.losses["z_loss"]])
         dist.all_reduce(got)
         torch.testing.assert_close(
             got / world, torch.stack([stats["balance_loss"], stats["z_loss"]]), rtol=1e-5, atol=1e-6
         )
     for layer, ref_layer in zip(moe_layers(model), moe_layers(ref)):
         # load statistics: per-rank counts that sum (ExpertLoad reduces them) to the single-process counts
-        counts = layer.last_tokens_per_expert_E.clone()
+        counts = layer.stats.tokens_per_expert_E.clone()
         assert int(counts.sum()) == PER_RANK * 16 * 2
         dist.all_reduce(counts)
-        assert torch.equal(counts, ref_layer.last_tokens_per_expert_E)
+        assert torch.equal(counts, ref_layer.stats.tokens_per_expert_E)
 
     names = dict(model.named_parameters())
     ref_params = dict(ref.named_parameters())

@@ -89,3 +89,16 @@ def test_kernels_are_leaves(path: Path) -> None:
         assert not _matches(name, FORBIDDEN_IN_LAYERS), f"kernels/{path.name} imports {name}"
         if name.startswith("moe_plugin"):
             assert name.startswith("moe_plugin.kernels"), f"kernels/{path.name} imports {name}: kernels are leaves"
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """A checkpoint must never run code: each torch.load call in the package passes weights_only=True."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if not ok:
+                    offenders.append(f"{path.relative_to(PKG)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"

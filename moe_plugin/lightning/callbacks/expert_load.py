@@ -14,8 +14,9 @@ Every `log_every_n_steps` optimizer steps, from the counts accumulated by each l
 and the same names without `layer{l}/` aggregated over layers (max for max_over_mean, sum for
 dead_experts, mean for the rest). With `log_tokens_per_expert`, also moe/layer{l}/tokens/e{e}.
 
-Cost: the layers keep detached counters (no host sync in the forward); this callback does one small
-all-reduce of an [L, E] tensor per log, so it is on by default.
+Cost: the layers keep detached counters (no host sync in the forward; `MoE.stats` keeps running totals
+only once this callback switches them on, at train start); this callback does one small all-reduce of an
+[L, E] tensor per log, so it is on by default.
 
 Heatmap: every `heatmap_every_n_steps` steps (and at the end of training), a figure with
     left:  layers x experts, load share c_le / mean_e(c_le) over the last heatmap window (1 = balanced)
@@ -48,16 +49,20 @@ class _Window:
         self.copies = 0
 
     def take(self, layer: MoE) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Counts since the previous take (routed per expert, dropped, copies), then restart the window."""
-        tokens_E = layer.total_tokens_per_expert_E
-        dropped = layer.total_dropped
+        """Counts since the previous take (routed per expert, dropped, copies), then restart the window.
+
+        Switches the layer's running totals on (RoutingStats keeps them only while someone reads them)."""
+        stats = layer.stats
+        stats.track_totals = True
+        tokens_E = stats.total_tokens_per_expert_E
+        dropped = stats.total_dropped
         if tokens_E is None or dropped is None:
             zeros = torch.zeros(layer.num_experts, dtype=torch.long, device=layer.router.weight.device)
             return zeros, zeros.sum(), 0
         delta_E = tokens_E - self.tokens_E if self.tokens_E is not None else tokens_E.clone()
         delta_dropped = dropped - self.dropped if self.dropped is not None else dropped.clone()
-        delta_copies = layer.total_copies - self.copies
-        self.tokens_E, self.dropped, self.copies = tokens_E.clone(), dropped.clone(), layer.total_copies
+        delta_copies = stats.total_copies - self.copies
+        self.tokens_E, self.dropped, self.copies = tokens_E.clone(), dropped.clone(), stats.total_copies
         return delta_E, delta_dropped, delta_copies
 
 
@@ -159,7 +164,7 @@ class ExpertLoad(Callback):
             for k, v in stats.items():
                 per_layer[k].append(v)
                 metrics[f"{p}/layer{i}/{k}"] = v
-            for k, v in layer.last_losses.items():
+            for k, v in layer.stats.losses.items():
                 metrics[f"{p}/layer{i}/{k}"] = float(v)
                 per_layer.setdefault(k, []).append(float(v))
             if self.log_tokens_per_expert:

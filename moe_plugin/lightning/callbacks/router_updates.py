@@ -53,7 +53,7 @@ class RouterUpdates(Callback):
             return
         counts = []
         for m in layers:
-            c = m.step_tokens_per_expert_E
+            c = m.stats.step_tokens_per_expert_E
             counts.append(torch.zeros(m.num_experts, device=m.router.expert_bias_E.device) if c is None else c.float())
         counts_LE = trainer.strategy.reduce(torch.stack(counts), reduce_op="sum")
         for m, c_E in zip(layers, counts_LE):

@@ -37,8 +37,8 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         moe_start_step(m, 0)
         x = _batch().chunk(world)[rank]
         m(x)
-        counts = m.count_reduce(m.step_tokens_per_expert_E)
-        out[rank] = (float(m.last_losses["balance_loss"]), counts.tolist())
+        counts = m.count_reduce(m.stats.step_tokens_per_expert_E)
+        out[rank] = (float(m.stats.losses["balance_loss"]), counts.tolist())
     finally:
         dist.destroy_process_group()
 
@@ -56,12 +56,12 @@ def test_global_batch_loss_is_layout_independent():
     m = _model()
     moe_start_step(m, 0)
     m(_batch())
-    single = float(m.last_losses["balance_loss"])
+    single = float(m.stats.losses["balance_loss"])
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         results = dict(out)
     (loss0, counts0), (loss1, counts1) = results[0], results[1]
-    assert counts0 == counts1 == m.last_tokens_per_expert_E.tolist()
+    assert counts0 == counts1 == m.stats.tokens_per_expert_E.tolist()
     assert (loss0 + loss1) / 2 == pytest.approx(single, rel=1e-6)
     assert loss0 != pytest.approx(loss1)  # the ranks really saw different tokens

@@ -13,6 +13,7 @@ from moe_plugin.layers.moe import MoE
 def test_local_dispatch_is_identity_and_moe_output_unchanged():
     torch.manual_seed(0)
     m = MoE(16, num_experts=4, top_k=2, expert_hidden_size=8)
+    assert type(m.dispatcher) is LocalDispatcher and m.dispatcher.num_experts == 4  # the default, never None
     x = torch.randn(10, 16, requires_grad=True)
     y_plain = m(x)
     g_plain = torch.autograd.grad(y_plain.sum(), x)[0]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_plugin.kernels import grouped_mm_backend_name, grouped_mm_loop, grouped_mm_torch, select_grouped_mm
+from moe_plugin.kernels import (
+    grouped_mm_backend_name,
+    grouped_mm_loop,
+    grouped_mm_mm,
+    grouped_mm_torch,
+    select_grouped_mm,
+)
 
 
 def _problem(counts: list[int], I: int = 16, O: int = 24, seed: int = 0):  # noqa: E741
@@ -22,7 +28,7 @@ def _per_row_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -
 
 
 @pytest.mark.parametrize("counts", [[3, 5, 2], [0, 7, 0, 4], [9], [0, 0, 6]])
-@pytest.mark.parametrize("impl", [grouped_mm_loop, grouped_mm_torch])
+@pytest.mark.parametrize("impl", [grouped_mm_loop, grouped_mm_torch, grouped_mm_mm])
 def test_matches_per_row_reference_outputs_and_grads(counts, impl):
     x, w, c = _problem(counts)
     grad_y = torch.randn(sum(counts), 24)
@@ -48,7 +54,7 @@ def test_torch_backend_accepts_expanded_incoming_gradient():
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", [grouped_mm_loop, grouped_mm_torch])
+@pytest.mark.parametrize("impl", [grouped_mm_loop, grouped_mm_torch, grouped_mm_mm])
 def test_no_rows_gives_empty_output_and_zero_weight_grad(impl):
     x, w, c = _problem([0, 0, 0])
     y = impl(x, w, c)
@@ -65,10 +71,13 @@ def test_loop_rejects_counts_not_covering_rows():
 
 def test_selection():
     assert select_grouped_mm("loop") is grouped_mm_loop
-    assert select_grouped_mm("auto", "cpu", torch.float32) is grouped_mm_torch  # works on CPU in torch 2.13
-    assert grouped_mm_backend_name(select_grouped_mm("auto")) == "torch._grouped_mm"
-    # float64 is not supported by torch._grouped_mm: auto falls back, an explicit request fails clearly.
-    assert select_grouped_mm("auto", "cpu", torch.float64) is grouped_mm_loop
+    # On CPU the per-expert mm node is faster than torch._grouped_mm's CPU loop (docs/performance.md).
+    assert select_grouped_mm("auto", "cpu", torch.float32) is grouped_mm_mm
+    assert select_grouped_mm("mm", "meta") is grouped_mm_mm
+    assert select_grouped_mm("torch", "cpu", torch.float32) is grouped_mm_torch  # works on CPU in torch 2.13
+    assert grouped_mm_backend_name(select_grouped_mm("auto")) == "per-expert mm"
+    assert grouped_mm_backend_name(select_grouped_mm("torch")) == "torch._grouped_mm"
+    # float64 is not supported by torch._grouped_mm: an explicit request fails clearly.
     with pytest.raises(ValueError, match="grouped_mm_backend='torch'.*float64"):
         select_grouped_mm("torch", "cpu", torch.float64)
     with pytest.raises(ValueError, match="grouped_mm_backend='fast'"):
@@ -116,7 +125,7 @@ def test_torch_path_matches_loop_under_autocast_and_probe_survives_it() -> None:
     w = torch.randn(3, 16, 32, requires_grad=True)
     counts = torch.tensor([7, 0, 13])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fn = gm.select_grouped_mm("auto", "cpu", gm.compute_dtype(x))  # probing inside autocast
+        fn = gm.select_grouped_mm("torch", "cpu", gm.compute_dtype(x))  # probing inside autocast
         y_fast = gm.grouped_mm_torch(x, w, counts)
         y_loop = gm.grouped_mm_loop(x, w, counts)
     assert fn is gm.grouped_mm_torch  # the probe was not poisoned by the caller's autocast

@@ -117,4 +117,4 @@ def test_aux_loss_matches_transformers_load_balancing_loss_func():
     ours(x)
     logits = hf.gate(x.view(-1, D))[0]
     expected = load_balancing_loss_func((logits,), num_experts=E, top_k=K)
-    torch.testing.assert_close(K * ours.last_losses["balance_loss"], expected.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(K * ours.stats.losses["balance_loss"], expected.detach(), atol=1e-6, rtol=1e-5)

@@ -56,7 +56,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "loop"])
+@pytest.mark.parametrize("backend", ["mm", "torch", "loop"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_path_matches_dense_and_loop_references(name, backend):
     m = _layer(grouped_mm_backend=backend, **CONFIGS[name])
@@ -97,8 +97,8 @@ def test_capacity_drop_counting_and_outputs():
     x = torch.randn(6, 16)
     x[:, 0] = torch.linspace(1.0, 2.0, 6)
     y = m(x)
-    assert m.last_tokens_per_expert_E.tolist() == [6, 6, 0, 0]
-    assert int(m.last_dropped) == 6  # 3 of each expert's 6 copies
+    assert m.stats.tokens_per_expert_E.tolist() == [6, 6, 0, 0]
+    assert int(m.stats.dropped) == 6  # 3 of each expert's 6 copies
     keep_TK = torch.zeros(6, 2)
     keep_TK[:3] = 1.0  # "position": the first 3 tokens keep both copies
     torch.testing.assert_close(y, dense_moe_reference(m, x, keep_TK), **TOL)
@@ -115,7 +115,7 @@ def test_capacity_drop_policy_probs_keeps_largest_weights():
     # C = ceil(8 * 1 / 4) = 2: tokens 1 and 3 (largest probs) keep their copy.
     keep_TK = torch.zeros(8, 1)
     keep_TK[[1, 3]] = 1.0
-    assert int(m.last_dropped) == 6
+    assert int(m.stats.dropped) == 6
     torch.testing.assert_close(y, dense_moe_reference(m, x, keep_TK), **TOL)
 
 
@@ -123,7 +123,7 @@ def test_capacity_large_enough_drops_nothing_and_equals_dropless():
     m = _layer(capacity_factor=8.0)
     x = torch.randn(20, 16)
     y = m(x)
-    assert int(m.last_dropped) == 0
+    assert int(m.stats.dropped) == 0
     m.capacity_factor = None
     torch.testing.assert_close(y, m(x), **TOL)
 
@@ -133,16 +133,21 @@ def test_losses_and_statistics_recorded():
     m.train()
     x = torch.randn(4, 8, 16)
     m(x)
-    assert m.last_tokens_per_expert_E.sum() == 4 * 8 * 2
-    assert set(m.last_losses) == {"balance_loss", "z_loss", "router_entropy"}
-    expected = 0.015 * m.last_losses["balance_loss"] + 1e-4 * m.last_losses["z_loss"]
+    assert m.stats.tokens_per_expert_E.sum() == 4 * 8 * 2
+    assert set(m.stats.losses) == {"balance_loss", "z_loss", "router_entropy"}
+    expected = 0.015 * m.stats.losses["balance_loss"] + 1e-4 * m.stats.losses["z_loss"]
     torch.testing.assert_close(m.aux_loss.detach(), expected)
     assert m.aux_loss.requires_grad
+    assert m.stats.total_tokens_per_expert_E is None  # nothing tracks totals: nothing accumulated
+    assert m.stats.step_tokens_per_expert_E is None  # micro-batch loss, no expert bias: no step window
+    m.stats.track_totals = m.stats.track_step = True  # what ExpertLoad / a global-batch loss switch on
     m(x)
-    assert m.total_tokens_per_expert_E.sum() == 2 * 64 and m.total_copies == 128
-    assert m.step_tokens_per_expert_E.sum() == 128  # two micro-batches in the same step
+    m(x)
+    assert m.stats.total_tokens_per_expert_E.sum() == 2 * 64 and m.stats.total_copies == 128
+    assert m.stats.step_tokens_per_expert_E.sum() == 128  # two micro-batches in the same step
+    assert int(m.stats.total_dropped) == 0
     moe_start_step(m, 1)
-    assert m.step_tokens_per_expert_E is None
+    assert m.stats.step_tokens_per_expert_E is None
     model = torch.nn.Sequential(m, _layer())
     model(x)
     assert moe_layers(model) == [model[0], model[1]]
@@ -152,9 +157,10 @@ def test_losses_and_statistics_recorded():
 
 def test_eval_forward_does_not_count():
     m = _layer().eval()
+    m.stats.track_totals = m.stats.track_step = True
     m(torch.randn(5, 16))
-    assert m.total_tokens_per_expert_E is None and m.step_tokens_per_expert_E is None
-    assert m.last_tokens_per_expert_E.sum() == 10
+    assert m.stats.total_tokens_per_expert_E is None and m.stats.step_tokens_per_expert_E is None
+    assert m.stats.tokens_per_expert_E.sum() == 10
 
 
 def test_global_batch_loss_uses_step_counts_and_reduce():
@@ -162,13 +168,13 @@ def test_global_batch_loss_uses_step_counts_and_reduce():
     moe_start_step(m, 0)
     x1, x2 = torch.randn(6, 16), torch.randn(6, 16)
     m(x1)
-    c1 = m.last_tokens_per_expert_E
+    c1 = m.stats.tokens_per_expert_E
     m(x2)
-    c2 = m.last_tokens_per_expert_E
+    c2 = m.stats.tokens_per_expert_E
     from moe_plugin.layers.losses import load_balancing_loss
 
     scores = m.router(x2).scores_TE
-    torch.testing.assert_close(m.last_losses["balance_loss"], load_balancing_loss(scores, c1 + c2).detach())
+    torch.testing.assert_close(m.stats.losses["balance_loss"], load_balancing_loss(scores, c1 + c2).detach())
     # A reduce hook (what expert parallelism sets) sees the accumulated counts.
     seen = []
     m.count_reduce = lambda c: (seen.append(c.clone()), 2 * c)[1]
@@ -184,7 +190,7 @@ def test_sequence_loss_uses_batch_structure():
 
     r = m.router(x.reshape(-1, 16))
     expected = sequence_load_balancing_loss(r.scores_TE.view(3, 7, 8), r.topk_ids_TK.view(3, 7, 2))
-    torch.testing.assert_close(m.last_losses["balance_loss"], expected.detach())
+    torch.testing.assert_close(m.stats.losses["balance_loss"], expected.detach())
 
 
 def test_warns_once_when_step_driver_missing():
@@ -235,7 +241,7 @@ def test_experts_without_dispatcher_must_be_complete():
 
     m = _layer()
     m.experts = GroupedExperts(4, 16, 12, expert_offset=4)
-    with pytest.raises(RuntimeError, match="no dispatcher is set"):
+    with pytest.raises(RuntimeError, match="must install a matching dispatcher"):
         m(torch.randn(3, 16))
 
 
@@ -243,12 +249,13 @@ def test_activation_checkpoint_recompute_is_not_counted_twice():
     from torch.utils.checkpoint import checkpoint
 
     m = _layer().train()
+    m.stats.track_totals = m.stats.track_step = True
     moe_start_step(m, 0)
     x = torch.randn(6, 16, requires_grad=True)
     y = checkpoint(m, x, use_reentrant=False)
     aux = m.aux_loss
     (y.sum() + aux).backward()
-    assert m.total_tokens_per_expert_E.sum() == 12 and m.step_tokens_per_expert_E.sum() == 12
+    assert m.stats.total_tokens_per_expert_E.sum() == 12 and m.stats.step_tokens_per_expert_E.sum() == 12
     assert m.router.weight.grad is not None
 
 
@@ -279,3 +286,20 @@ def test_combine_gradients_match_reference_unpermute():
     out2.backward(g)
     torch.testing.assert_close(y1.grad, y2.grad, **TOL)
     torch.testing.assert_close(w1.grad, w2.grad, **TOL)
+
+
+def test_routing_stats_are_references_and_computed_on_read():
+    from moe_plugin.layers.losses import router_entropy
+
+    m = _layer().train()
+    x = torch.randn(10, 16)
+    m(x)
+    s = m.stats
+    assert s._losses is None  # nothing read yet: the entropy was not computed
+    scores = m.router(x).scores_TE
+    torch.testing.assert_close(s.losses["router_entropy"], router_entropy(scores))
+    assert s._scores_TE is None  # the scores are released once the entropy is known
+    assert int(s.dropped) == 0 and s.num_copies == 20
+    assert s.tokens_per_expert_E is s.kept_per_expert_E or torch.equal(s.tokens_per_expert_E, s.kept_per_expert_E)
+    s.clear()
+    assert s.losses == {} and s.dropped is None

@@ -38,4 +38,4 @@ def test_global_counts_make_the_balance_loss_layout_independent() -> None:
     mean = (parts[0] + parts[1]) / 2
     torch.testing.assert_close(mean, full_aux, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.autograd.grad(mean, layer.router.weight)[0], full_grad, rtol=1e-5, atol=1e-7)
-    assert int(layer.last_tokens_per_expert_E.sum()) == 20  # statistics stay per rank (ExpertLoad sums them)
+    assert int(layer.stats.tokens_per_expert_E.sum()) == 20  # statistics stay per rank (ExpertLoad sums them)
