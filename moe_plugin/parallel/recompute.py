@@ -49,25 +49,40 @@ def check_activation_checkpointing(mode: str, target: str = "blocks", every: int
         raise ValueError(f"model.activation_checkpointing_every={every!r} must be an integer >= 1 (1 = every block).")
 
 
-def _state(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]]:
-    """(module, public attributes, buffer copies) of `module` and its submodules."""
+_State = list[tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor], list[tuple[Any, dict[str, Any]]]]]
+
+
+def _state(module: nn.Module) -> _State:
+    """(module, public attributes, buffer copies, attribute objects' own fields) of `module` and its submodules.
+
+    Plain objects held by a module (e.g. the MoE layer's RoutingStats) are mutated rather than replaced by a
+    forward: their fields are copied one level deep (the tensors in them are replaced, never written in place).
+    """
     out = []
     for m in module.modules():
         attrs = {k: v for k, v in vars(m).items() if not k.startswith("_")}
         buffers = {k: b.detach().clone() for k, b in m._buffers.items() if b is not None}
-        out.append((m, attrs, buffers))
+        objects = [
+            (v, dict(vars(v)))
+            for v in attrs.values()
+            if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor)) and not callable(v)
+        ]
+        out.append((m, attrs, buffers, objects))
     return out
 
 
 @torch.no_grad()
-def _restore(state: list[tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]]) -> None:
-    for m, attrs, buffers in state:
+def _restore(state: _State) -> None:
+    for m, attrs, buffers, objects in state:
         for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
             delattr(m, k)
         for k, v in attrs.items():
             setattr(m, k, v)
         for k, b in buffers.items():
             m._buffers[k].copy_(b)  # type: ignore[union-attr]
+        for obj, fields in objects:
+            vars(obj).clear()
+            vars(obj).update(fields)
 
 
 def _contexts(module: nn.Module) -> tuple[Any, Any]:

@@ -6,7 +6,8 @@ compares, step by step: the global loss, balance loss and z-loss, the parameters
 (max_norm below the gradient norm), so the clipping coefficient is checked too.
 
 Layouts: (EP 2 x S 2) and (EP 1 x S 4) on 4 ranks (experts fully sharded over ES = S / EP), (EP 4 x S 2) on
-4 ranks (EP does not divide S: experts replicated), (EP 1 x S 2) on 2 ranks.
+4 ranks (EP does not divide S: experts replicated), (EP 1 x S 2) on 2 ranks, and (EP 2 x S 2) with
+activation checkpointing of every block.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moe_plugin.models.decoder import MoEDecoderLM
 from moe_plugin.parallel.apply import apply_expert_parallel
 from moe_plugin.parallel.grads import clip_grad_norm_sharded
 from moe_plugin.parallel.mesh import build_expert_parallel_mesh
+from moe_plugin.parallel.recompute import apply_activation_checkpointing
 from moe_plugin.parallel.sharding import apply_sharded_data_parallel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -49,9 +51,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _check(rank: int, world: int, ep: int, shard: int) -> None:
+def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
     model = _model()
     ref = copy.deepcopy(model)
+    apply_activation_checkpointing(model, recompute)  # before sharding, as the strategy does
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard)
     plan = apply_expert_parallel(model, mesh)
@@ -95,9 +98,9 @@ def _check(rank: int, world: int, ep: int, shard: int) -> None:
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-6)
         assert float(ref_norm) > MAX_NORM  # clipping is active
         for layer, ref_layer in zip(moe_layers(model), moe_layers(ref)):
-            counts = layer.last_tokens_per_expert_E.clone()
+            counts = layer.stats.tokens_per_expert_E.clone()
             dist.all_reduce(counts)
-            assert torch.equal(counts, ref_layer.last_tokens_per_expert_E)
+            assert torch.equal(counts, ref_layer.stats.tokens_per_expert_E)
 
         ref_params = dict(ref.named_parameters())
         for n, p in model.named_parameters():
@@ -120,6 +123,10 @@ def _check(rank: int, world: int, ep: int, shard: int) -> None:
             )
 
 
-@pytest.mark.parametrize(("world", "ep", "shard"), [(4, 2, 2), (4, 1, 4), (4, 4, 2), (2, 1, 2)])
-def test_sharded_equals_one_process(world: int, ep: int, shard: int) -> None:
-    run_distributed(_check, world, ep, shard, timeout=240)
+@pytest.mark.parametrize(
+    ("world", "ep", "shard", "recompute"),
+    [(4, 2, 2, "none"), (4, 1, 4, "none"), (4, 4, 2, "none"), (2, 1, 2, "none"), (4, 2, 2, "full")],
+)
+def test_sharded_equals_one_process(world: int, ep: int, shard: int, recompute: str) -> None:
+    """recompute=full: activation checkpointing of every block, recomputed (all-to-all included) in backward."""
+    run_distributed(_check, world, ep, shard, recompute, timeout=240)
