@@ -81,6 +81,7 @@ class MoEDecoderLM(nn.Module):
         activation_checkpointing: str = "none",
         activation_checkpointing_target: str = "blocks",
         activation_checkpointing_every: int = 1,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # The constructor arguments, so that a checkpoint can carry the model's config (MoELanguageModule saves
@@ -109,6 +110,9 @@ class MoEDecoderLM(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.activation_checkpointing_target = activation_checkpointing_target
         self.activation_checkpointing_every = activation_checkpointing_every
+        # A request for the training glue (lightning/run.py -> parallel/compile.py compiles each block);
+        # the model itself never calls torch.compile.
+        self.compile_requested = compile
 
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         blocks = []
