@@ -37,7 +37,7 @@ the same order, which `build_expert_parallel_mesh` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
 
 import torch
@@ -106,6 +106,8 @@ class ExpertParallelMesh:
     expert_group: dist.ProcessGroup | None
     expert_data_group: dist.ProcessGroup | None
     world_group: dist.ProcessGroup | None
+    # keyword-only, so that subclasses (parallel/islands.py's IslandMesh) can add required fields
+    _: KW_ONLY
     data_parallel_shard_size: int = 1
     dense_mesh: DeviceMesh | None = None  # [R, S] ("dp_replicate", "dp_shard"); None when S = 1
     expert_mesh: DeviceMesh | None = None  # [EP, ER, ES] ("ep", "edp_replicate", "edp_shard"); None when S = 1
@@ -247,7 +249,7 @@ def build_expert_parallel_mesh(
         expert_group,
         expert_data_group,
         dist.group.WORLD,
-        data_parallel_shard_size,
-        dense_mesh,
-        expert_mesh,
+        data_parallel_shard_size=data_parallel_shard_size,
+        dense_mesh=dense_mesh,
+        expert_mesh=expert_mesh,
     )
