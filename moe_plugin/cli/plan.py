@@ -7,7 +7,9 @@ fast they run and what 1T tokens cost; for the others, which memory term does no
 
 Keys (key=value): model=NAME and model.*; hardware=NAME and hardware.* (catalog entry and field
 overrides, e.g. hardware.memory_gb=96); devices (required); seq_len (default model.max_seq_len);
-micro_batch, ep, shard, checkpointing (one value or a comma-separated list to consider; default all);
+micro_batch, ep, shard, checkpointing (one value or a comma-separated list to consider; default all;
+checkpointing `full` = model.activation_checkpointing=full, `selective` = the routed experts only,
+model.activation_checkpointing=selective model.activation_checkpointing_target=experts);
 precision (32-true | bf16-mixed | bf16-true, default bf16-mixed); mfu (fraction of peak while computing,
 default 0.21); usable (fraction of device memory for tensors, default 0.9); global_batch (sequences per
 optimizer step; default one micro-batch per rank); imbalance (busiest rank's routed copies / the mean,
@@ -237,7 +239,7 @@ def print_text(result: PlanResult, show_all: bool, top: int) -> None:
         terms = {k: v for k, v in rec.memory.terms.items() if v > 0 and "." not in k}
         print(
             f"\nrecommended (most headroom within 2% of the fastest): {rec.layout.label()}, "
-            f"peak {rec.memory.peak / GB:.1f} GB in the {rec.memory.phase}; GB per rank:"
+            f"peak {rec.memory.peak / GB:.1f} GB at the {rec.memory.phase}; GB per rank:"
         )
         print("  " + ", ".join(f"{k} {v / GB:.2f}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])))
     verdict = replicated_verdict(result)
