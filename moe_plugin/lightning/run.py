@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.config.validate import ConfigError, validate_config
+from moe_plugin.convert.hf.load import model_tokenizer
 from moe_plugin.lightning.callbacks.summary import RunSummary
 from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
@@ -46,7 +47,7 @@ def run(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data, _convert_="partial")
+    datamodule = instantiate(cfg.data, _convert_="partial", **model_tokenizer(cfg.model))
     module = module_for_evaluation(cfg, build_module(cfg, getattr(datamodule, "vocab_size", None)))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
