@@ -283,8 +283,15 @@ def load_record(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"align record {p} does not exist; create it with `moe-plugin align record --out {p}`.")
-    rec = json.loads(p.read_text())
-    if rec.get("format") != FORMAT_VERSION:
+    try:
+        rec = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError; neither names the file
+        raise ValueError(
+            f"align record {p} is not a JSON record ({type(err).__name__}: {err}); it is truncated or not written by "
+            f"`moe-plugin align record`. Re-record it: moe-plugin align record --out {p}."
+        ) from None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT_VERSION:
+        rec = rec if isinstance(rec, dict) else {}
         raise ValueError(
             f"{p}: record format {rec.get('format')} is not {FORMAT_VERSION}; re-record it with this version."
         )

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("path", help="sharded checkpoint directory")
     c.add_argument("out", help="output file, e.g. model.ckpt")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    v = sub.add_parser("convert", help="DeepSpeed directory (strategy=deepspeed_ep) -> one layout-free checkpoint file")
+    v.add_argument("path", help="DeepSpeed checkpoint directory written with strategy.checkpoint_format=deepspeed")
+    v.add_argument("out", help="output file, e.g. model.ckpt (resumable by any strategy at any layout)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -114,4 +118,8 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ckpt_command == "convert":
+        from moe_plugin.convert.deepspeed_checkpoint import convert_command
+
+        return convert_command(args.path, args.out, args.json)
     return _inspect(args) if args.ckpt_command == "inspect" else _consolidate(args)

@@ -69,7 +69,7 @@ def parse_overrides(
 
             hw_fields[key.split(".", 1)[1]] = OmegaConf.from_dotlist([f"v={value}"]).v
         elif key.startswith("rate."):
-            rates[key.split(".", 1)[1]] = float(value)
+            rates[key.split(".", 1)[1]] = number(key, value)
         elif key in own_keys:
             own[key] = value
         else:
@@ -77,6 +77,20 @@ def parse_overrides(
                 f"unknown key {key!r}: use model=, model.*, hardware=, hardware.*, rate.*, or {', '.join(own_keys)}."
             )
     return own, model, hardware, hw_fields, rates
+
+
+def number(key: str, value: str, kind: type = float) -> Any:
+    """`value` as a number, or a ValueError naming `key` (float('abc') names neither)."""
+    try:
+        out = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a number; give e.g. {key}={EXAMPLES.get(key, '1')}.") from None
+    if not out > 0:
+        raise ValueError(f"{key}={value!r} must be positive; give e.g. {key}={EXAMPLES.get(key, '1')}.")
+    return out
+
+
+EXAMPLES = {"mfu": "0.21", "tokens": "1e12", "seq_len": "4096", "throughput": "2500"}
 
 
 def _bool(key: str, value: str) -> bool:
@@ -123,8 +137,8 @@ def _run(args: argparse.Namespace) -> int:
 
         hw_name = auto_device().name
     attention = _bool("attention", own.get("attention", "true"))
-    tokens = float(own.get("tokens", "1e12"))
-    seq_len = int(own["seq_len"]) if "seq_len" in own else None
+    tokens = number("tokens", own.get("tokens", "1e12"))
+    seq_len = number("seq_len", own["seq_len"], int) if "seq_len" in own else None
     measured = load_measured(args.measured) if args.measured else None
     if measured is not None and seq_len is None and measured.get("seq_len"):
         seq_len = int(measured["seq_len"])  # the measured run's context: same FLOPs per token
@@ -133,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     currency = own.get("currency")
     notes = []
 
-    mfu = float(own["mfu"]) if "mfu" in own else None
+    mfu = number("mfu", own["mfu"]) if "mfu" in own else None
     measured_tps: dict[str, float] = {}
     if measured is not None:
         same_model = abs(measured["flops_per_token"] - info["flops_per_token"]) < 1e-6 * info["flops_per_token"]
@@ -153,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     if "throughput" in own:
         if hw_name is None:
             raise ValueError("throughput=<tokens/s per device> needs hardware=<name> (the device it was measured on).")
-        measured_tps[hw_name] = float(own["throughput"])
+        measured_tps[hw_name] = number("throughput", own["throughput"])
     if mfu is None:
         mfu = DEFAULT_MFU
         notes.append(f"mfu={DEFAULT_MFU} assumed (the Ling report's implied MFU on device D); pass mfu=<yours>")
@@ -181,7 +195,9 @@ def _run(args: argparse.Namespace) -> int:
             specs = [spec_from_mapping({**s.__dict__, **hw_fields}) if s.name == hw_name else s for s in specs]
         cur = currency or (specs[0].currency if len({s.currency for s in specs}) == 1 else "USD")
         ranked = rank_devices(specs, flops, tokens, mfu, cur, measured=measured_tps, rates=rates)
-        return _print_ranking(args.json, info, ranked, attention, notes, int(own.get("devices", 0)))
+        return _print_ranking(
+            args.json, info, ranked, attention, notes, number("devices", own["devices"], int) if "devices" in own else 0
+        )
 
     if hw_name is None:
         raise ValueError("give hardware=<name> (see `moe-plugin cost --list`) or --compare to rank the catalog.")
@@ -196,7 +212,9 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         est = estimate_cost(spec, flops, tokens, mfu=mfu, currency=currency, rates=rates)
-    return _print_single(args.json, info, spec, est, attention, notes, int(own.get("devices", 0)))
+    return _print_single(
+        args.json, info, spec, est, attention, notes, number("devices", own["devices"], int) if "devices" in own else 0
+    )
 
 
 def _convention(info: dict[str, Any], attention: bool) -> str:

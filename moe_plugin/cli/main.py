@@ -2,7 +2,8 @@
 
 Each subcommand is a module in this package exposing `HELP`, `add_arguments(parser)` and
 `run(args) -> int`. Subcommands take Hydra-style overrides (`model=ling_lite model.num_layers=4`)
-and `--json` for machine-readable output.
+and `--json` for machine-readable output. A UserError (moe_plugin.errors) raised by a subcommand is printed
+as one line and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from moe_plugin.errors import USER_ERROR_EXIT, UserError
 
 SUBCOMMANDS = {
     "inspect": "moe_plugin.cli.inspect",
@@ -52,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         if any(r.startswith("-") for r in rest) or not isinstance(getattr(args, "overrides", None), list):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:  # bad input: one line, status 2, no traceback
+        print(f"moe-plugin {args.command}: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def print_text(result: PlanResult, show_all: bool, top: int) -> None:
         terms = {k: v for k, v in rec.memory.terms.items() if v > 0 and "." not in k}
         print(
             f"\nrecommended (most headroom within 2% of the fastest): {rec.layout.label()}, "
-            f"peak {rec.memory.peak / GB:.1f} GB in the {rec.memory.phase}; GB per rank:"
+            f"peak {rec.memory.peak / GB:.1f} GB at the {rec.memory.phase}; GB per rank:"
         )
         print("  " + ", ".join(f"{k} {v / GB:.2f}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])))
     verdict = replicated_verdict(result)

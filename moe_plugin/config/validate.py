@@ -9,9 +9,12 @@ Errors name the config key, the bad value and the fix. Three kinds of checks:
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -136,10 +139,120 @@ def _model_rules(m: DictConfig) -> None:
             f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}. "
             "Pick num_kv_heads dividing num_heads (GQA groups)."
         )
+    head_dim = m.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if isinstance(head_dim, int) and (head_dim < 2 or head_dim % 2):
+        key = "model.head_dim" if m.get("head_dim") else f"model.hidden_size/model.num_heads={hidden}/{heads}"
+        raise ConfigError(
+            f"{key}={head_dim} must be an even number >= 2: rotary position embeddings rotate pairs of channels. "
+            "Set model.head_dim to an even value (e.g. 64) or change model.hidden_size/model.num_heads."
+        )
     moe = m.get("moe") or {}
     e, k = moe.get("num_experts"), moe.get("top_k")
     if e is not None and k is not None and not 1 <= k <= e:
         raise ConfigError(f"model.moe.top_k={k} must be between 1 and model.moe.num_experts={e}.")
+
+
+def _optim_rules(o: DictConfig) -> None:
+    """Values the optimizer and schedule accept (torch and the schedule would fail much later, mid-setup)."""
+
+    def number(key: str) -> float | None:
+        v = o.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    lr, wd, eps = number("lr"), number("weight_decay"), number("eps")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"optim.lr={o.lr} must be a positive learning rate, e.g. optim.lr=1e-3.")
+    if wd is not None and wd < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0 (0 disables it).")
+    if eps is not None and not eps > 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive, e.g. optim.eps=1e-8.")
+    betas = o.get("betas")
+    if betas is not None and (
+        len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95].")
+    for key in ("warmup_steps", "total_steps"):
+        v = o.get(key)
+        if isinstance(v, int) and v < (0 if key == "warmup_steps" else 1):
+            raise ConfigError(f"optim.{key}={v} must be >= {0 if key == 'warmup_steps' else 1}.")
+    ratio = number("min_lr_ratio")
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the final LR / optim.lr).")
+
+
+def _precision_choices() -> list[str]:
+    from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return [
+        str(v)
+        for t in (_PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS, _PRECISION_INPUT_INT)
+        for v in typing.get_args(t)
+    ]
+
+
+def _trainer_rules(t: DictConfig) -> None:
+    precision = t.get("precision")
+    if precision is not None and str(precision) not in _precision_choices():
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not a precision Lightning knows. Use one of 32-true, bf16-mixed, "
+            "16-mixed, bf16-true, 16-true, 64-true."
+        )
+    steps = t.get("max_steps")
+    if isinstance(steps, int) and steps < -1:
+        raise ConfigError(f"trainer.max_steps={steps} must be -1 (no limit) or >= 0.")
+
+
+def _path_rules(cfg: DictConfig) -> None:
+    """Checkpoint paths named on the command line exist (found before anything is built, not at fit)."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(expand_path(str(ckpt))).exists():
+        raise ConfigError(
+            f"ckpt_path={ckpt} does not exist. Give an existing checkpoint file or expert-parallel checkpoint "
+            "folder, or drop ckpt_path (resume=auto continues from this run folder's newest checkpoint)."
+        )
+    resume = cfg.get("resume", "auto")
+    if isinstance(resume, str) and resume not in ("auto", "never") and not Path(expand_path(resume)).exists():
+        raise ConfigError(
+            f"resume={resume!r}: no such file or folder. Use resume=auto, resume=never, or the path of a "
+            "checkpoint or of a checkpoint folder."
+        )
+
+
+def expand_path(path: str) -> str:
+    """`~` and environment variables expanded, as a user typing a path on a command line expects."""
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def _unknown_top_level_keys(cfg: DictConfig) -> None:
+    """Top-level keys must be known: a TopConfig field or a config group (a folder of moe_plugin/conf, or a group
+    of the caller's own Hydra tree). `+lr=1e-3` instead of `optim.lr=1e-3` must not be ignored silently."""
+    from moe_plugin.config.schema import TopConfig
+
+    known = set(TopConfig.__dataclass_fields__) | _config_groups()
+    unknown = [str(k) for k in cfg if str(k) not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"{unknown[0]} is not a top-level config key.{hint} Top-level keys: {', '.join(sorted(TopConfig.__dataclass_fields__))}; "
+            f"groups: {', '.join(sorted(_config_groups()))}. Fix the spelling, or set a group's key (e.g. optim.lr=...)."
+        )
+
+
+def _config_groups() -> set[str]:
+    """Group names: the packaged conf/ folders plus the groups Hydra composed for this run (a user's own tree)."""
+    import moe_plugin.conf
+
+    root = Path(moe_plugin.conf.__file__).parent
+    groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            groups |= {str(k).split("/")[0] for k in HydraConfig.get().runtime.choices}
+    except Exception:  # not under Hydra
+        pass
+    return groups
 
 
 def _world_size(cfg: DictConfig) -> int | None:
@@ -171,6 +284,8 @@ def _layout_rules(cfg: DictConfig) -> None:
         )
     if ep is None:
         return
+    if "island_size" in strategy or "islands" in strategy:
+        return _island_rules(cfg, strategy)
     if not isinstance(ep, int) or isinstance(ep, bool):
         raise ConfigError(f"strategy.expert_parallel_size={ep!r} must be an integer >= 1.")
     from moe_plugin.parallel.mesh import LayoutError, check_layout
@@ -190,10 +305,39 @@ def _layout_rules(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first problem found. Cheap: builds nothing."""
+def _island_rules(cfg: DictConfig, strategy: DictConfig) -> None:
+    """local_sgd: islands partition the world, and each island's EP fits its size and the experts."""
+    from moe_plugin.parallel.islands import (
+        check_islands,
+        parse_expert_parallel_sizes,
+        parse_islands,
+    )
+    from moe_plugin.parallel.mesh import LayoutError
+
+    world = _world_size(cfg)
+    if world is None:
+        return
+    islands_cfg = strategy.get("islands")
+    islands_list = OmegaConf.to_container(islands_cfg) if islands_cfg is not None else None
+    ep = strategy.get("expert_parallel_size")
+    ep = OmegaConf.to_container(ep) if isinstance(ep, ListConfig) else ep
+    num_experts = ((cfg.get("model") or {}).get("moe") or {}).get("num_experts")
+    try:
+        islands = parse_islands(world, strategy.get("island_size") if islands_list is None else None, islands_list)
+        check_islands(islands, parse_expert_parallel_sizes(ep, len(islands)), [num_experts] if num_experts else [])
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+
+
+def validate_config(cfg: DictConfig, optim_target: Any = None) -> None:
+    """Raise ConfigError on the first problem found. Cheap: builds nothing.
+
+    `optim_target` is the class whose keyword arguments the `optim` group holds (run() passes
+    MoELanguageModule); config/ does not import lightning/, which depends on it.
+    """
     from moe_plugin.config.schema import PathsConfig, TopConfig
 
+    _unknown_top_level_keys(cfg)
     top = {k: cfg[k] for k in cfg if k in TopConfig.__dataclass_fields__}
     _check_schema(OmegaConf.create(top), "", TopConfig)
     _check_schema(cfg.get("paths"), "paths", PathsConfig)
@@ -201,13 +345,15 @@ def validate_config(cfg: DictConfig) -> None:
         if cfg.get(key) is not None:
             check_target_kwargs(cfg[key], key)
     if cfg.get("optim") is not None:
-        from moe_plugin.lightning.module import MoELanguageModule
-
-        _check_kwargs(cfg.optim, "optim", MoELanguageModule)
+        if optim_target is not None:
+            _check_kwargs(cfg.optim, "optim", optim_target)
+        _optim_rules(cfg.optim)
     if cfg.get("trainer") is not None:
         from lightning.pytorch import Trainer
 
         _check_kwargs(cfg.trainer, "trainer", Trainer)
+        _trainer_rules(cfg.trainer)
+    _path_rules(cfg)
     if cfg.get("model") is not None:
         _model_rules(cfg.model)
     seq_len, max_seq = cfg.get("data", {}).get("seq_len"), cfg.get("model", {}).get("max_seq_len")

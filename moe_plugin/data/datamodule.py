@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moe_plugin.data.sampler import GlobalOrderSampler
 from moe_plugin.data.tokenizers import ByteTokenizer
+from moe_plugin.errors import ConfigError
 
 # Lightning warns on mid-epoch resume unless the DataLoader itself has state_dict(); our position lives in
 # this data module's state_dict() and GlobalOrderSampler, which do resume exactly.
@@ -88,6 +89,11 @@ class LMDataModule(pl.LightningDataModule):
         return int(self.tokenizer.vocab_size)
 
     def setup(self, stage: str | None = None) -> None:
+        self.prepare_corpus()
+
+    def prepare_corpus(self) -> None:
+        """Read, tokenize and split the corpus (once). run() calls it before building the model, so that a
+        corpus that cannot train (empty, too small) is reported as a ConfigError in seconds."""
         if self.train_set is not None:
             return
         train_parts: list[np.ndarray] = []
@@ -111,7 +117,7 @@ class LMDataModule(pl.LightningDataModule):
             n_docs += 1
         source_name = type(self.source).__name__
         if n_docs == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"The corpus from {source_name} is empty: no non-empty document was found. Check data.source "
                 "(paths, pattern) or pick another data= option."
             )
@@ -121,14 +127,14 @@ class LMDataModule(pl.LightningDataModule):
             val_parts.append(train_parts.pop())
             val_bytes += train_bytes.pop()
         if not train_parts:
-            raise ValueError(
+            raise ConfigError(
                 f"The corpus from {source_name} has {n_docs} document(s), all held out for validation. "
                 "Add documents or lower data.val_fraction."
             )
         train_tokens, val_tokens = np.concatenate(train_parts), np.concatenate(val_parts)
         for split, toks in (("train", train_tokens), ("validation", val_tokens)):
             if len(toks) < self.seq_len + 1:
-                raise ValueError(
+                raise ConfigError(
                     f"The {split} split has {len(toks)} tokens, fewer than data.seq_len + 1 = {self.seq_len + 1}. "
                     "Add text or lower data.seq_len."
                 )
@@ -159,9 +165,15 @@ class LMDataModule(pl.LightningDataModule):
             sampler.start_sample = self._resume["samples"]
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
+    def _eval_rank_world(self) -> tuple[int, int]:
+        """(rank, ranks) splitting evaluation data: a strategy may use fewer ranks (local_sgd: each island
+        evaluates the whole set), else every rank."""
+        trainer = getattr(self, "trainer", None)
+        return getattr(getattr(trainer, "strategy", None), "evaluation_rank_world", None) or self._rank_world()
+
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
-        rank, world = self._rank_world()
+        rank, world = self._eval_rank_world()
         sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
@@ -169,7 +181,7 @@ class LMDataModule(pl.LightningDataModule):
         """The held-out test split (data.test_fraction > 0), else the validation split (say so in the results)."""
         assert self.val_set is not None, "call setup() first"
         split = self.test_set if self.test_set is not None else self.val_set
-        rank, world = self._rank_world()
+        rank, world = self._eval_rank_world()
         sampler = GlobalOrderSampler(len(split), self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(split, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 

@@ -11,6 +11,8 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from moe_plugin.errors import ConfigError
+
 
 def cap_bytes(docs: Iterator[tuple[str, bytes]], max_bytes: int | None) -> Iterator[tuple[str, bytes]]:
     """Stop after the document that reaches `max_bytes` in total (None: no cap)."""
@@ -52,13 +54,15 @@ class TextFilesSource:
         if isinstance(paths, str):
             paths = [paths]
         if not paths:
-            raise ValueError("data.source.paths is empty: give files or folders, e.g. data.source.paths=[/data/books].")
+            raise ConfigError(
+                "data.source.paths is empty: give files or folders, e.g. data.source.paths=[/data/books]."
+            )
         self.paths = [Path(p).expanduser() for p in paths]
         self.pattern = pattern
         self.max_bytes = max_bytes
         for p in self.paths:
             if not p.exists():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"data.source.paths entry {str(p)!r} does not exist. Fix the path, or list existing files "
                     "or folders: data.source.paths=[/path/a.txt,/path/folder]."
                 )
@@ -80,7 +84,7 @@ class HFDiskDatasetSource:
 
     def __init__(self, path: str, split: str = "train", text_field: str = "text", max_bytes: int | None = None) -> None:
         if not Path(path).expanduser().exists():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"data.source.path={path!r} does not exist. Save a dataset there first with "
                 "datasets.Dataset.save_to_disk(path); nothing is downloaded at run time."
             )

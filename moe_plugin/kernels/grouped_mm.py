@@ -140,6 +140,8 @@ def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_
         return grouped_mm_loop(x_NI, w_EIO, tokens_per_expert_E)
     if not isinstance(tokens_per_expert_E, torch.Tensor):
         tokens_per_expert_E = torch.tensor(list(tokens_per_expert_E), device=x_NI.device)
+    elif tokens_per_expert_E.device != x_NI.device:  # host counts from a dispatcher: copy, no sync
+        tokens_per_expert_E = tokens_per_expert_E.to(x_NI.device, non_blocking=True)
     offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
     y_NO = torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offs_E)
     return _ContiguousGrad.apply(y_NO) if y_NO.requires_grad else y_NO

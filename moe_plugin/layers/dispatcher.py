@@ -21,7 +21,8 @@ against LocalDispatcher):
     x_ND rows are grouped by global expert id in increasing order, tokens_per_expert_E[e] of them for
     expert e (int64, on x's device, length E). Returns the copies for this rank's local experts grouped
     by LOCAL expert id (global id - local_expert_offset) in increasing order, and
-    tokens_per_local_expert_L (int64, length L, summing to M). Inside one local expert the order of
+    tokens_per_local_expert_L (int64, length L, summing to M; on x's device, or on the host when the
+    dispatcher already copied it there, which saves the experts a device->host sync). Inside one local expert the order of
     copies is implementation-defined (all-to-all puts source rank 0's first).
 - combine(y_MD): the inverse of the LAST dispatch on this dispatcher: returns y_ND with row n holding the
     expert output for input row n. Differentiable (autograd flows through both calls).

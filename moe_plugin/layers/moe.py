@@ -149,7 +149,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        out_TD = self._routed(x_TD, shape)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self._shared(x_TD)
+        return out_TD.reshape(shape)
 
+    # Runs eagerly inside a torch.compile'd block (parallel/compile.py): the expert counts are data-dependent
+    # (one host sync sizes the per-expert GEMMs and the all-to-all splits) and the statistics are Python
+    # state, so the compiled graph breaks here instead of recompiling for every routing.
+    @torch.compiler.disable
+    def _routed(self, x_TD: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """route -> permute -> dispatch -> experts -> combine (steps 1-5), then the losses and statistics."""
         routing = self.router(x_TD)
         permuted = permute(
             x_TD,
@@ -164,11 +174,8 @@ class MoE(nn.Module):
         y_MD = self.experts(x_MD, tokens_per_local_expert_L)
         y_ND = self.dispatcher.combine(y_MD)
         out_TD = unpermute(y_ND, routing.probs_TK, permuted.state)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self._shared(x_TD)
-
         self._record(routing, permuted, shape)
-        return out_TD.reshape(shape)
+        return out_TD
 
     def _capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:

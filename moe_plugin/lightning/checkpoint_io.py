@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
-from moe_plugin.errors import CheckpointError, UnsafeCheckpointError
+from moe_plugin.errors import CheckpointError, StorageError, UnsafeCheckpointError, storage_reason
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class _HashingWriter(io.RawIOBase):
         self.f = f
         self.sha = hashlib.sha256()
         self.nbytes = 0
+        self.error: OSError | None = None  # torch.save turns a failed write into "unexpected pos ...": keep it
 
     def writable(self) -> bool:
         return True
@@ -163,7 +165,11 @@ class _HashingWriter(io.RawIOBase):
     def write(self, b: Any) -> int:
         self.sha.update(b)
         self.nbytes += len(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -211,15 +217,28 @@ def sidecar_path(path: Path | str) -> Path:
 def write_checkpoint_file(checkpoint: dict[str, Any], path: Path | str, fsync: bool = True) -> dict[str, Any]:
     """torch.save `checkpoint` to `path` atomically with its checksum sidecar; returns the sidecar record."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
+    writers: list[_HashingWriter] = []
 
     def write_data(f: io.BufferedWriter) -> None:
         hw = _HashingWriter(f)
+        writers.append(hw)
         torch.save(checkpoint, hw)
         record.update(sha256=hw.sha.hexdigest(), bytes=hw.nbytes)
 
-    _replace_atomically(path, write_data, fsync)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace_atomically(path, write_data, fsync)
+    except Exception as err:
+        lost = writers[0].error if writers and writers[0].error is not None else err
+        reason = storage_reason(lost)
+        if reason is None:
+            raise
+        raise StorageError(
+            f"cannot write checkpoint {path}: {reason} ({_free_space(path.parent)}). Free space or point "
+            "callbacks.model_checkpoint.dirpath (or paths.output_dir) at a writable disk; the previous checkpoints "
+            "are intact."
+        ) from err
     record["global_step"] = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     record["epoch"] = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
     text = json.dumps(record).encode()
@@ -269,6 +288,17 @@ def load_weights_only(path: Path | str, map_location: Any = "cpu", mmap: bool = 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else "")[:200]
+
+
+def _free_space(folder: Path) -> str:
+    """'12.3 MB free on <folder>', for the message of a failed write (best effort)."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            try:
+                return f"{shutil.disk_usage(p).free / 1e6:,.1f} MB free on {p}"
+            except OSError:
+                break
+    return f"free space on {folder} unknown"
 
 
 # ---------------------------------------------------------------------------------------------------- validity
@@ -338,6 +368,8 @@ def check_checkpoint(path: Path | str, deep: bool = True) -> CheckpointCheck:
     try:
         obj = load_weights_only(path / META_FILE)
         shards = list(obj.get("moe_plugin_layout", {}).get("shard_files", []))
+        # files other writers keep in the directory that resuming needs too (local_sgd: the other islands' parts)
+        shards += list(obj.get("moe_plugin_extra_files", []))
         step = obj.get("global_step", meta.global_step)
     except UnsafeCheckpointError as err:
         return CheckpointCheck(path, False, f"unsafe, not loaded: {err}", meta.has_sidecar)
@@ -486,7 +518,9 @@ class AsyncCheckpointIO(CheckpointIO):
             if self._pending.get(key) is future:
                 del self._pending[key]
             err = future.exception()
-            if err is not None:
+            if isinstance(err, StorageError):  # a full or read-only disk is the user's to fix: keep its one line
+                self._errors.append(err)
+            elif err is not None:
                 self._errors.append(CheckpointWriteError(f"writing checkpoint {key} failed: {err!r}"))
 
     def _raise_errors(self) -> None:
@@ -542,8 +576,6 @@ class AsyncCheckpointIO(CheckpointIO):
         target = Path(path)
         self.wait(target)
         if target.is_dir() and not target.is_symlink():
-            import shutil
-
             shutil.rmtree(target, ignore_errors=True)
         elif target.exists() or target.is_symlink():
             target.unlink()

@@ -34,8 +34,14 @@ class MoELanguageModule(pl.LightningModule):
         halve_at: float = 0.6,
         anneal_at: float = 1.0,
         total_steps: int | None = None,
+        optimizer: str = "adamw",
+        momentum: float = 0.0,
     ) -> None:
+        """optimizer: adamw (default) or sgd (with `momentum`; linear in the gradient, which the local-SGD
+        reference test needs: averaging weights after one SGD step equals one step on averaged gradients)."""
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optim.optimizer={optimizer!r} must be 'adamw' or 'sgd'.")
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         lr_multiplier(schedule, warmup_steps, total_steps or 1, min_lr_ratio, halve_at, anneal_at)  # validate now
@@ -91,12 +97,11 @@ class MoELanguageModule(pl.LightningModule):
                 continue
             # Norm weights, biases and 1-D parameters are not decayed (standard for transformers).
             (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            eps=hp.eps,
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.get("optimizer", "adamw") == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.get("momentum", 0.0))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
         fn = lr_multiplier(hp.schedule, hp.warmup_steps, max(1, total), hp.min_lr_ratio, hp.halve_at, hp.anneal_at)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

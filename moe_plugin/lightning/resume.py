@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from moe_plugin.config.validate import ConfigError
+from moe_plugin.config.validate import expand_path
+from moe_plugin.errors import ConfigError
 from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,14 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     """The checkpoint path to pass to trainer.fit(ckpt_path=...), or None for a fresh start."""
     explicit = cfg.get("ckpt_path")
     if explicit:
-        return str(explicit)
+        return expand_path(str(explicit))
     resume = cfg.get("resume", "auto")
     if resume is None or resume is False or resume == "never":
         return None
     if resume == "auto":
         folder = checkpoint_folder(cfg)
     else:
-        target = Path(str(resume))
+        target = Path(expand_path(str(resume)))
         if not target.exists():
             raise ConfigError(
                 f"resume={resume!r}: no such file or folder. Use resume=auto, resume=never, or the path of a "

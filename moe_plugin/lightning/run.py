@@ -17,14 +17,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe_plugin.config.validate import ConfigError, validate_config
+from moe_plugin.config.validate import validate_config
 from moe_plugin.convert.hf.load import model_tokenizer
+from moe_plugin.errors import ConfigError
 from moe_plugin.lightning.callbacks.summary import RunSummary
 from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
 from moe_plugin.lightning.resume import resolve_resume
-from moe_plugin.lightning.trainer import build_trainer, instantiate_list
+from moe_plugin.lightning.trainer import build, build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
+from moe_plugin.parallel.compile import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,26 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
             f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary ({vocab_size}). "
             f"Set model.vocab_size={vocab_size} or more."
         )
-    model = instantiate(cfg.model, _convert_="partial")
+    model = build(cfg.model, "model", _convert_="partial")
+    if getattr(model, "compile_requested", False):  # model.compile=true: regional torch.compile of each block
+        compile_blocks(model)
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
     assert isinstance(optim, dict)
     return MoELanguageModule(model, **optim)
 
 
 def run(cfg: DictConfig) -> float | None:
-    validate_config(cfg)
+    validate_config(cfg, optim_target=MoELanguageModule)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data, _convert_="partial", **model_tokenizer(cfg.model))
+    # Everything that can fail on user input comes first (data, checkpoint to resume from), before the model,
+    # the loggers and the trainer exist: a bad corpus or checkpoint path costs a second, not a model build.
+    # model=from_hf brings its folder's tokenizer (convert/hf/load.py: model_tokenizer).
+    datamodule = build(cfg.data, "data", _convert_="partial", **model_tokenizer(cfg.model))
+    if (cfg.get("train", True) or cfg.get("test", False)) and hasattr(datamodule, "prepare_corpus"):
+        datamodule.prepare_corpus()
+    ckpt_path = resolve_resume(cfg) if cfg.get("train", True) else None
     module = module_for_evaluation(cfg, build_module(cfg, getattr(datamodule, "vocab_size", None)))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
@@ -57,7 +67,7 @@ def run(cfg: DictConfig) -> float | None:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("validate_at_end", True):
         metrics.update(

@@ -9,10 +9,31 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moe_plugin.config.validate import ConfigError
+from moe_plugin.errors import ConfigError, UserError
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """`instantiate(node)`, with a constructor's refusal of a bad value reported as a ConfigError naming `key`.
+
+    Hydra wraps whatever a constructor raises in InstantiationException (a multi-line message with the class
+    path). Constructors here raise ValueError/FileNotFoundError with messages naming the key and the fix, or a
+    UserError: those are bad input, not bugs, and surface as one line. Anything else keeps its traceback.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
 
 
 def resolve_accelerator(
@@ -60,16 +81,16 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     out = []
-    for _, item in node.items():
+    for name, item in node.items():
         if item is not None and "_target_" in item:
-            out.append(instantiate(item))
+            out.append(build(item, str(name)))
     return out
 
 
 def resolve_plugins(cfg: DictConfig) -> list[Any]:
     """Trainer plugins from their config groups: `checkpoint_io` (how checkpoint files are written and read)."""
     node = cfg.get("checkpoint_io")
-    return [instantiate(node)] if node is not None and "_target_" in node else []
+    return [build(node, "checkpoint_io")] if node is not None and "_target_" in node else []
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:

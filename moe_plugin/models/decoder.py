@@ -78,6 +78,7 @@ class MoEDecoderLM(nn.Module):
         dense_ffn_hidden_size: int | None = None,
         moe: dict[str, Any] | None = None,
         init_std: float = 0.02,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # The constructor arguments, so that a checkpoint can carry the model's config (MoELanguageModule saves
@@ -102,6 +103,9 @@ class MoEDecoderLM(nn.Module):
         self.rope_theta = rope_theta
         self.max_seq_len = max_seq_len
         self.init_std = init_std
+        # A request for the training glue (lightning/run.py -> parallel/compile.py compiles each block);
+        # the model itself never calls torch.compile.
+        self.compile_requested = compile
 
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         blocks = []

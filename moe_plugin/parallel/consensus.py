@@ -16,6 +16,12 @@ import torch
 import torch.distributed as dist
 
 
+def consensus_group(trainer: object) -> dist.ProcessGroup | None:
+    """The group a callback's decision must agree over: the strategy's `consensus_group` when it defines one
+    (local_sgd: the island, so islands never wait on each other between syncs), else every rank (None)."""
+    return getattr(getattr(trainer, "strategy", None), "consensus_group", None)
+
+
 def _distributed(group: dist.ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 

@@ -20,12 +20,14 @@ Bytes per local parameter (precision):                    32-true  bf16-mixed  b
     compute copies (bf16 unsharded per FSDP unit, or the
     autocast copies of every weight when S = 1)             0        2           0
 
-Peak per rank = persistent + max(forward/backward, optimizer step), with
-    persistent  = parameters + optimizer + DDP buckets (+ gradients when micro-batches accumulate)
-    fwd/bwd     = saved activations + logits working set + backward workspace + compute copies
-                  + FSDP gather buffers (two units unsharded: current + prefetched, and one unit's
-                  unsharded gradient) + all-to-all buffers + the LM head's gradient (produced first)
-    step        = gradients + one optimizer temporary per parameter (foreach AdamW's sqrt(v)).
+Peak per rank = persistent + the largest of three phases, with
+    persistent      = parameters + optimizer + DDP buckets (+ gradients when micro-batches accumulate)
+    forward end     = saved activations + logits + compute copies + FSDP gather buffers + all-to-all
+                      + the previous step's gradients (Lightning zeroes them after training_step)
+    backward start  = saved activations + logits working set + backward workspace + compute copies
+                      + FSDP gather buffers (two units unsharded: current + prefetched, and one unit's
+                      unsharded gradient) + all-to-all buffers + the LM head's gradient (produced first)
+    optimizer step  = gradients + AdamW's temporary sqrt(v) (all parameters with foreach, else one tensor).
 Backward trades saved activations for gradients about layer by layer, so its peak is at one end.
 
 Saved activations per block (what autograd keeps between forward and backward, bytes; a activation
@@ -244,20 +246,19 @@ def layout_error(shape: ModelShape, layout: Layout) -> str | None:
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per rank by term, and the peak."""
+    """Bytes per rank by term, and the peak of the three phases of a training step."""
 
     terms: dict[str, float]
     persistent: float
-    fwd_bwd: float
-    step: float
+    phases: dict[str, float]  # forward end, backward start, optimizer step: bytes on top of `persistent`
 
     @property
     def peak(self) -> float:
-        return self.persistent + max(self.fwd_bwd, self.step)
+        return self.persistent + max(self.phases.values())
 
     @property
     def phase(self) -> str:
-        return "forward/backward" if self.fwd_bwd >= self.step else "optimizer step"
+        return max(self.phases, key=lambda k: self.phases[k])
 
 
 def _block_activations(shape: ModelShape, T: int, n: float, p: Precision, r: int, moe: bool) -> dict[str, float]:
@@ -281,9 +282,18 @@ def _block_activations(shape: ModelShape, T: int, n: float, p: Precision, r: int
 
 
 def memory(
-    shape: ModelShape, layout: Layout, precision: Precision, accumulation: int = 1, imbalance: float = 1.0
+    shape: ModelShape,
+    layout: Layout,
+    precision: Precision,
+    accumulation: int = 1,
+    imbalance: float = 1.0,
+    foreach: bool = True,
 ) -> MemoryEstimate:
-    """Per-rank bytes of one layout (see the module docstring for every formula)."""
+    """Per-rank bytes of one layout (see the module docstring for every formula).
+
+    `foreach`: the optimizer updates all parameters at once (torch's AdamW default on accelerators), so
+    its temporary is the size of all local parameters; False (the CPU default) loops over tensors and
+    needs one temporary the size of the largest."""
     p, L = precision, layout
     T = L.micro_batch * shape.seq_len
     D, V = shape.hidden, shape.vocab
@@ -298,7 +308,8 @@ def memory(
         "parameters": local * p.master,
         "gradients": local * p.grad,
         "optimizer": local * p.moments,
-        "ddp_buckets": 0.0 if L.sharded else shape.dense_params * p.reduce,  # DDP's flat gradient buckets
+        # DDP's flat gradient buckets (one process: no DDP)
+        "ddp_buckets": 0.0 if (L.sharded or L.world == 1) else shape.dense_params * p.reduce,
     }
     if L.sharded:
         unit = shape.block_dense_params + shape.block_expert_params / L.ep
@@ -334,20 +345,31 @@ def memory(
             blocks["routed_experts"] += fused_copy
     head = T * D * (8 + p.act) + T * 4 + (shape.head_params * p.compute if shape.norm_head else 0)
     t["activations"] = sum(blocks.values()) + head + recomputed
+    # forward end: the logits (kept by training_step), the fp32 copy (bf16) and the log-softmax output;
+    # backward start: the log-softmax output, its gradient and the input gradient
     t["logits"] = T * V * 12.0
+    logits_fwd = T * V * (8.0 + (p.act if p.act != 4 else 0))
     F_ = shape.expert_hidden
     t["backward_workspace"] = (2 * n * D + 3 * n * F_) * p.act + 2 * T * D * r
     t["all_to_all"] = 2 * n * D * p.act if L.ep > 1 else 0.0
     t["head_gradient"] = shape.head_params * (p.compute if L.sharded else p.grad)
-    # foreach AdamW: one temporary the size of the local parameters (sqrt of the second moment)
-    t["optimizer_step_temp"] = local * p.master
+    # AdamW's sqrt of the second moment: for all local parameters at once (foreach) or the largest tensor
+    largest_tensor = max(V * D / L.shard, shape.block_expert_params / 3 / (L.ep * L.expert_shard))
+    t["optimizer_step_temp"] = (local if foreach else largest_tensor) * p.master
 
-    persistent = t["parameters"] + t["optimizer"] + t["ddp_buckets"] + (t["gradients"] if accumulation > 1 else 0)
-    fwd_keys = ("activations", "logits", "backward_workspace", "compute_copies", "gather_buffers", "all_to_all")
-    fwd_bwd = sum(t[k] for k in fwd_keys) + t["head_gradient"]
-    step = (0 if accumulation > 1 else t["gradients"]) + t["optimizer_step_temp"]
+    accumulating = accumulation > 1
+    persistent = t["parameters"] + t["optimizer"] + t["ddp_buckets"] + (t["gradients"] if accumulating else 0)
+    grads = 0.0 if accumulating else t["gradients"]
+    common = t["activations"] + t["compute_copies"] + t["gather_buffers"] + t["all_to_all"]
+    phases = {
+        # Lightning's closure zeroes gradients after training_step, before backward: the previous step's
+        # gradients are still allocated at the end of the forward
+        "forward end": common - recomputed + logits_fwd + grads,  # nothing is being recomputed yet
+        "backward start": common + t["logits"] + t["backward_workspace"] + t["head_gradient"],
+        "optimizer step": grads + t["optimizer_step_temp"],
+    }
     t.update({f"activations.{k}": v for k, v in blocks.items()})
-    return MemoryEstimate(t, persistent, fwd_bwd, step)
+    return MemoryEstimate(t, persistent, phases)
 
 
 @dataclass
@@ -491,6 +513,7 @@ def plan(
     global_batch: int | None = None,
     imbalance: float = 1.0,
     tokens: float = 1e12,
+    foreach: bool = True,
 ) -> PlanResult:
     """Every layout of `devices` ranks, with its memory, step time and cost; see PlanResult.fitting."""
     if devices < 1:
@@ -512,7 +535,7 @@ def plan(
             continue
         per_step = devices * mb
         accumulation = max(1, math.ceil(global_batch / per_step)) if global_batch else 1
-        mem = memory(shape, layout, precision, accumulation, imbalance)
+        mem = memory(shape, layout, precision, accumulation, imbalance, foreach)
         t = step_time(shape, layout, precision, spec, mfu, net, accumulation, imbalance)
         fits = mem.peak <= usable
         cost = None

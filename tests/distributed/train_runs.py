@@ -50,8 +50,10 @@ def train(
     extra: tuple[str, ...] = (),
     timeout: float = 300,
     batch_size: int | None = None,
+    strategy: tuple[str, ...] = (),
 ) -> Run:
-    """ep=None: plain Lightning (strategy=auto, one process); else strategy=expert_parallel with EP=ep."""
+    """ep=None: plain Lightning (strategy=auto, one process); else strategy=expert_parallel with EP=ep.
+    `strategy` (overrides such as ("strategy=deepspeed_ep", "strategy.stage=2")) replaces both."""
     out = tmp / name
     overrides = [
         "experiment=tiny_smoke",
@@ -72,7 +74,9 @@ def train(
         f"hydra.run.dir={out}",
         f"trainer.devices={world}",
     ]
-    if ep is None:
+    if strategy:
+        overrides += list(strategy)
+    elif ep is None:
         overrides.append("strategy=auto")
     else:
         overrides += ["strategy=expert_parallel", f"strategy.expert_parallel_size={ep}", "strategy.timeout_seconds=60"]

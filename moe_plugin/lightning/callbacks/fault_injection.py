@@ -4,8 +4,8 @@
         'callbacks.fault_injection.faults=[{kind: spike, step: 130}, {kind: kill, step: 160, rank: 1}]'
 
 Each fault is a mapping with `kind`, `step` (the value of trainer.global_step when the batch starts; skipped
-updates count as steps) and optionally `until` (exclusive end, default step + 1), `rank` (global rank, default
-every rank), `scale` and `seconds`. Kinds:
+updates count as steps) and optionally `until` (exclusive end, default step + 1; null = to the end of the run),
+`rank` (a global rank or a list of them, default every rank), `scale`, `seconds` and `factor`. Kinds:
 
     spike     Gaussian noise of std `scale` (default 30) is added to the model's output (logits) for that step:
               the loss jumps far above its recent values (seeded by the step, so a replay spikes identically)
@@ -15,6 +15,8 @@ every rank), `scale` and `seconds`. Kinds:
     sigterm   SIGTERM to the process at the start of the step (preemption: the step ends, then fit stops)
     raise     a RuntimeError at the start of the step (a crash that Lightning sees)
     sleep     `seconds` of sleep before the forward pass on each step of [step, until) (a straggler)
+    delay     the rank runs `factor` (default 3) times slower on each step of [step, until): at the end of the
+              batch it sleeps (factor - 1) x the time the batch took (a slower device or island, whatever the model)
 
 `kill`, `sigterm` and `raise` fire once per run folder: a marker file `<run>/fault_injection_fired.json` remembers them,
 so a run restarted in the same folder (resume=auto, torchrun --max-restarts) goes past them. The other kinds
@@ -40,7 +42,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-KINDS = ("spike", "nan_loss", "nan_grad", "kill", "sigterm", "raise", "sleep")
+KINDS = ("spike", "nan_loss", "nan_grad", "kill", "sigterm", "raise", "sleep", "delay")
 ONCE_KINDS = ("kill", "sigterm", "raise")
 MARKER = "fault_injection_fired.json"
 
@@ -58,18 +60,29 @@ class FaultInjector(pl.Callback):
             f.setdefault("rank", None)
             f.setdefault("scale", 30.0)
             f.setdefault("seconds", 0.5)
+            f.setdefault("factor", 3.0)
+            if f["kind"] == "delay" and not float(f["factor"]) >= 1.0:
+                raise ValueError(
+                    f"callbacks.fault_injection.faults[{i}].factor={f['factor']!r} must be >= 1 (slowdown)."
+                )
+            if f["until"] is None:
+                f["until"] = float("inf")
             f["id"] = i
             self.faults.append(f)
         self.module_attr = module_attr
         self._hooks: list[Any] = []
         self.fired: list[dict[str, Any]] = []  # (step, kind) actually injected in this process
+        self._batch_start: float | None = None
+        self._batch_step = 0
 
     def _active(self, trainer: pl.Trainer, kinds: Sequence[str]) -> list[dict[str, Any]]:
-        step = trainer.global_step
+        return self._active_at(trainer, kinds, trainer.global_step)
+
+    def _active_at(self, trainer: pl.Trainer, kinds: Sequence[str], step: int) -> list[dict[str, Any]]:
         return [
             f
             for f in self.faults
-            if f["kind"] in kinds and f["step"] <= step < f["until"] and f["rank"] in (None, trainer.global_rank)
+            if f["kind"] in kinds and f["step"] <= step < f["until"] and _targets(f["rank"], trainer.global_rank)
         ]
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -94,6 +107,7 @@ class FaultInjector(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._batch_start, self._batch_step = time.perf_counter(), trainer.global_step
         for f in self._active(trainer, ONCE_KINDS):
             if self._already_fired(trainer, f):
                 continue
@@ -134,6 +148,20 @@ class FaultInjector(pl.Callback):
         for hook in self._hooks:  # a step without backward (training_step returned None)
             hook.remove()
         self._hooks = []
+        if self._batch_start is not None:
+            took = time.perf_counter() - self._batch_start
+            for f in self._active_at(trainer, ("delay",), self._batch_step):  # the step the batch started at
+                self.fired.append({"step": self._batch_step, "kind": "delay"})
+                time.sleep((float(f["factor"]) - 1.0) * took)
+
+
+def _targets(rank: Any, global_rank: int) -> bool:
+    """A fault's `rank`: None (every rank), one global rank, or a list of them."""
+    if rank is None:
+        return True
+    if isinstance(rank, (list, tuple)) or (isinstance(rank, Sequence) and not isinstance(rank, str)):
+        return global_rank in [int(r) for r in rank]
+    return int(rank) == global_rank
 
 
 def _corrupt_hook(module: nn.Module, args: Any, out: Any, nan: bool, scale: float, step: int) -> Any:

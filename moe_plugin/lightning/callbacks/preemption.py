@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from moe_plugin.lightning.events import append_event, events_path
-from moe_plugin.parallel.consensus import all_ranks_agree
+from moe_plugin.parallel.consensus import all_ranks_agree, consensus_group
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class PreemptionCheckpoint(pl.Callback):
     ) -> None:
         if self.saved_path is not None or trainer.global_step % self.check_every_n_steps:
             return
-        if not all_ranks_agree(bool(trainer.received_sigterm), pl_module.device):
+        if not all_ranks_agree(bool(trainer.received_sigterm), pl_module.device, consensus_group(trainer)):
             return
         cb = trainer.checkpoint_callback
         folder = Path(getattr(cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")

@@ -43,7 +43,7 @@ import torch
 
 from moe_plugin.lightning.callbacks.spike_detector import EWMAZScore
 from moe_plugin.lightning.events import append_event, events_path
-from moe_plugin.parallel.consensus import mean_over_ranks
+from moe_plugin.parallel.consensus import consensus_group, mean_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,9 @@ class LossSpikeGuard(pl.Callback):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         local_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         local_bad = not (math.isfinite(self._loss_sum) and math.isfinite(local_norm))
-        loss, gnorm, bad = mean_over_ranks([self._loss_sum, local_norm, float(local_bad)], pl_module.device)
+        loss, gnorm, bad = mean_over_ranks(
+            [self._loss_sum, local_norm, float(local_bad)], pl_module.device, consensus_group(trainer)
+        )
         nonfinite = bad > 0 or not (math.isfinite(loss) and math.isfinite(gnorm))
         log_g = math.log(gnorm) if gnorm > 0 and math.isfinite(gnorm) else 0.0
         z = self.loss_detector.zscore(loss) if not nonfinite else math.inf

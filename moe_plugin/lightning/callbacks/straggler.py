@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from moe_plugin.lightning.events import append_event, events_path
-from moe_plugin.parallel.consensus import gather_floats
+from moe_plugin.parallel.consensus import consensus_group, gather_floats
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class StragglerMonitor(pl.Callback):
         local = [self._sums[p] / self._n for p in PHASES]
         self._sums = dict.fromkeys(PHASES, 0.0)
         self._n = 0
-        rows = gather_floats(local, pl_module.device)  # R x 4 phase means, seconds
+        rows = gather_floats(local, pl_module.device, consensus_group(trainer))  # R x 4 phase means, seconds
         report = analyse(rows, self.factor, self.sync_free_phases, self.min_excess_ms)
         report["step"] = trainer.global_step
         self.last_report = report

@@ -169,6 +169,11 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         plugin._moe_plugin_clipping = True  # type: ignore[attr-defined]
 
+    @property
+    def consensus_group(self) -> torch.distributed.ProcessGroup | None:
+        """The group that must agree on per-step decisions (None = every rank; local_sgd: the island)."""
+        return None
+
     def process_dataloader(self, dataloader: Any) -> Any:
         """Every rank must run the same number of batches (each forward is collective on the expert group).
 
@@ -184,7 +189,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         except TypeError:  # no length on any rank (same loader class everywhere): nothing to compare
             return dataloader
         bounds = torch.tensor([n, -n], dtype=torch.int64)
-        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN, group=self.consensus_group)
         shortest, longest = int(bounds[0]), -int(bounds[1])
         if shortest == longest:
             return dataloader

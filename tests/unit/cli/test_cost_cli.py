@@ -51,7 +51,7 @@ def test_compare_a_list_with_measured_throughput(capsys: pytest.CaptureFixture[s
         "seq_len": 2048,
         "peak_tflops": 312.0,
     }
-    info = _json(capsys, ["inspect", "model=ling_tiny", "--json"])
+    info = _json(capsys, ["inspect", "model=ling_tiny", "--seq-len", "2048", "--json"])  # cost sizes for max_seq_len
     measured["flops_per_token"] = info["flops_per_token"]
     measured["mfu"] = 1000.0 * info["flops_per_token"] / 312e12
     path = tmp_path / "throughput.json"

@@ -9,6 +9,7 @@ from moe_plugin.data.datamodule import LMDataModule, is_validation
 from moe_plugin.data.sampler import GlobalOrderSampler
 from moe_plugin.data.sources import HFDiskDatasetSource, StdlibSource, TextFilesSource
 from moe_plugin.data.tokenizers import ByteTokenizer, HFTokenizer
+from moe_plugin.errors import ConfigError
 
 
 def test_stdlib_source_is_real_text_and_deterministic() -> None:
@@ -42,20 +43,20 @@ def test_datamodule_windows_are_shifted_pairs(tmp_path: Path) -> None:
 
 
 def test_missing_and_empty_paths_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.paths"):
+    with pytest.raises(ConfigError, match=r"data\.source\.paths"):
         TextFilesSource([str(tmp_path / "nope")])
     with pytest.raises(ValueError, match=r"data\.source\.paths"):
         TextFilesSource([])
     (tmp_path / "empty").mkdir()
     dm = LMDataModule(TextFilesSource([str(tmp_path / "empty")]), seq_len=8)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         dm.setup()
     (tmp_path / "small.txt").write_text("abc")
     (tmp_path / "small2.txt").write_text("def")
     dm = LMDataModule(TextFilesSource([str(tmp_path / "small.txt"), str(tmp_path / "small2.txt")]), seq_len=64)
     with pytest.raises(ValueError, match=r"data\.seq_len"):
         dm.setup()
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.path"):
+    with pytest.raises(ConfigError, match=r"data\.source\.path"):
         HFDiskDatasetSource(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match=r"data\.tokenizer\.path"):
         HFTokenizer(str(tmp_path / "nope"))

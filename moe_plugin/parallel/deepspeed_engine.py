@@ -1,0 +1,113 @@
+"""DeepSpeed's engine told about OUR MoE layers: `initialize_expert_parallel_engine`.
+
+DeepSpeed switches its expert handling on (`engine.has_moe_layers`) only when it finds its own MoE
+module classes (deepspeed.moe.layer.MoE, AutoEP layers). Everything it then does is driven by
+parameter attributes and group names, not by those classes:
+
+    ZeRO-1/2   experts in 'moe' optimizer groups (split_moe_param_groups), partitioned over the
+               expert-data group; bucket gradients divided by W, then summed over the expert-data group
+               (stage_1_and_2.average_tensor), so grad(phi) = (1/W) sum_{edp} local_grad(phi): our rule
+               (parallel/grads.py). Norm for clipping: partition norms summed over all W ranks, each
+               expert counted once.
+    ZeRO-3     parameters with ds_zero_placement_family = "autoep_expert" are partitioned over the
+               expert-data group and their gradients averaged by W (stage3._gradient_averaging_world_size).
+
+So `ExpertParallelEngine` is DeepSpeedEngine with `has_moe_layers` switched on for our layers and the
+ZeRO-3 check that insists on DeepSpeed's AutoEP layer classes relaxed to "every expert parameter carries
+DeepSpeed's expert placement". The routing and the token exchange stay ours (AllToAllDispatcher);
+DeepSpeed does not see a MoE layer object at all.
+
+`initialize_expert_parallel_engine` is `deepspeed.initialize` (same steps: shut down zero.Init,
+DeepSpeedConfig, optimizer flags, engine, restore zero.Init) building this engine class.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_plugin.layers.moe import moe_layers
+from moe_plugin.parallel.deepspeed_groups import EXPERT_PLACEMENT_FAMILY
+
+
+def _engine_class() -> type:
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class ExpertParallelEngine(DeepSpeedEngine):  # type: ignore[misc, valid-type]
+        """DeepSpeedEngine whose expert handling is on for moe_plugin's MoE layers (see module docstring)."""
+
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            layers = moe_layers(model)
+            if layers:
+                if not any(is_moe_param(p) for p in model.parameters()):
+                    raise RuntimeError(
+                        "the model has moe_plugin MoE layers but no parameter is marked as a DeepSpeed expert "
+                        "parameter: call parallel.deepspeed_groups.mark_expert_parameters first."
+                    )
+                self.has_moe_layers = True
+                self.num_experts.extend(m.num_experts for m in layers)
+            super()._configure_distributed_model(model)
+
+        def _validate_zero3_moe_compatibility(self) -> None:
+            if not self.has_moe_layers:
+                return
+            unplaced = [
+                n
+                for n, p in self.module.named_parameters()
+                if is_moe_param(p) and getattr(p, "ds_zero_placement_family", None) != EXPERT_PLACEMENT_FAMILY
+            ]
+            if unplaced:
+                raise RuntimeError(
+                    f"ZeRO-3 with expert parallelism: expert parameters {unplaced[:3]} have no ZeRO-3 expert placement "
+                    "(mark_expert_parameters(..., zero_stage=3) sets it)."
+                )
+            if self.sequence_parallel_size != 1:
+                raise RuntimeError("ZeRO-3 with expert parallelism does not support sequence parallelism.")
+
+    return ExpertParallelEngine
+
+
+_ENGINE: type | None = None
+
+
+def expert_parallel_engine_class() -> type:
+    """The ExpertParallelEngine class (built on first use: importing deepspeed takes seconds)."""
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = _engine_class()
+    return _ENGINE
+
+
+def initialize_expert_parallel_engine(
+    model: nn.Module,
+    config: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    device_rank: int | None = None,
+) -> tuple[Any, Any]:
+    """(engine, DeepSpeed optimizer) for `model`, like deepspeed.initialize(..., dist_init_required=False)."""
+    from deepspeed import set_optimizer_flags
+    from deepspeed.runtime import zero
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    zero.partition_parameters.shutdown_init_context()
+    config_class = DeepSpeedConfig(config, None)
+    set_optimizer_flags(config_class, model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    engine = expert_parallel_engine_class()(
+        args=argparse.Namespace(device_rank=device_rank),
+        model=model,
+        optimizer=optimizer,
+        model_parameters=parameters,
+        lr_scheduler=lr_scheduler,
+        dist_init_required=False,
+        config=config,
+        config_class=config_class,
+    )
+    zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    return engine, engine.optimizer

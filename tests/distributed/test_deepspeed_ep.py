@@ -1,0 +1,118 @@
+"""deepspeed_ep (DeepSpeed ZeRO + our expert parallelism) through `python train.py`, on gloo with DS_ACCELERATOR=cpu.
+
+Reference R: plain Lightning, one process, global batch 8, 20 steps, gradient clipping at 1.0 (trainer default),
+checkpoints at steps 10 and 20.
+- Z2: ZeRO-2, EP=2 on 2 processes: same losses, balance and z-loss (1e-5) as R, same weights and Adam state at 20.
+- Z1: ZeRO-1, EP=2 on 4 processes (2 replicas of each expert: ZeRO partitions and reduces experts over the
+      expert-data group), writing DeepSpeed's own checkpoint directories: same losses as R; its step-10 directory,
+      converted by `moe-plugin ckpt convert`, resumes in plain Lightning on one process with R's steps 11..20.
+- moving runs: Z2@10 -> expert_parallel EP=1 (1 process); R@10 (plain) -> deepspeed_ep ZeRO-2 EP=2 (2 processes).
+- gradient accumulation (2 micro-batches per step) equals one process.
+The first DeepSpeed start compiles a small op (~20 s); TORCH_EXTENSIONS_DIR is fixed so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from train_runs import STEPS, Run, train
+
+from moe_plugin.cli.main import main as cli
+
+# one build of DeepSpeed's op per machine/CI run, shared by every process the tests start
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "moe_plugin_torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+ATOL = 1e-5
+# ZeRO-3 partitions every parameter and reduce-scatters gradients in buckets whose summation order differs
+# from one process's; in fp32 the differences are rounding (~1e-7 relative per step) that Adam's
+# normalisation can amplify over 20 steps, so allow 1e-4 on losses of about 5.
+ZERO3_ATOL = 1e-4
+
+
+def ds(stage: int, ep: int, *more: str) -> tuple[str, ...]:
+    return (
+        "strategy=deepspeed_ep",
+        f"strategy.stage={stage}",
+        f"strategy.expert_parallel_size={ep}",
+        "strategy.timeout_seconds=120",
+        *more,
+    )
+
+
+def _ok(run: Run) -> Run:
+    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-5000:]}"
+    return run
+
+
+def _same_curve(run: Run, ref: Run, steps: range, keys: tuple[str, ...] = ("loss",), atol: float = ATOL) -> None:
+    got, want = run.curve(), ref.curve()
+    assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
+    for s in steps:
+        for k in keys:
+            assert abs(got[s][k] - want[s][k]) <= atol, f"{run.out_dir.name} step {s} {k}: {got[s][k]} vs {want[s][k]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("deepspeed_ep")
+    return {"tmp": tmp, "R": _ok(train(tmp, "R", 1, None)), "Z2": _ok(train(tmp, "Z2", 2, None, strategy=ds(2, 2)))}
+
+
+def test_zero2_ep2_equals_one_process(runs: dict) -> None:
+    R, Z2 = runs["R"], runs["Z2"]
+    _same_curve(Z2, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    out = runs["tmp"] / "Z2_20.ckpt"
+    assert cli(["ckpt", "consolidate", str(Z2.checkpoint(20)), str(out)]) == 0
+    got = torch.load(out, weights_only=False)
+    want = torch.load(R.checkpoint(20), weights_only=False)
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    got_opt, want_opt = got["optimizer_states"][0], want["optimizer_states"][0]
+    assert got_opt["param_groups"] == want_opt["param_groups"]
+    for i, st in want_opt["state"].items():
+        assert float(got_opt["state"][i]["step"]) == float(st["step"]) == 20
+        torch.testing.assert_close(got_opt["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(got_opt["state"][i]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+    assert got["lr_schedulers"][0]["base_lrs"] == want["lr_schedulers"][0]["base_lrs"]
+
+
+def test_deepspeed_ep_checkpoint_resumes_in_expert_parallel_ep1(runs: dict) -> None:
+    B = _ok(train(runs["tmp"], "Z2_10_to_ep1", 1, 1, ckpt=runs["Z2"].checkpoint(10)))
+    _same_curve(B, runs["R"], range(11, STEPS + 1))
+
+
+def test_plain_checkpoint_resumes_in_deepspeed_ep(runs: dict) -> None:
+    C = _ok(train(runs["tmp"], "R10_to_Z2", 2, None, ckpt=runs["R"].checkpoint(10), strategy=ds(2, 2)))
+    _same_curve(C, runs["R"], range(11, STEPS + 1))
+
+
+def test_zero1_on_4_processes_deepspeed_checkpoints_convert(runs: dict) -> None:
+    tmp, R = runs["tmp"], runs["R"]
+    Z1 = _ok(train(tmp, "Z1_w4", 4, None, strategy=ds(1, 2, "strategy.checkpoint_format=deepspeed"), timeout=600))
+    _same_curve(Z1, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    ds_dir = Z1.checkpoint(10)
+    assert (ds_dir / "latest").is_file(), sorted(p.name for p in ds_dir.iterdir())
+    converted = tmp / "Z1_10.ckpt"
+    assert cli(["ckpt", "convert", str(ds_dir), str(converted)]) == 0
+    D = _ok(train(tmp, "Z1_10_to_plain", 1, None, ckpt=converted))
+    _same_curve(D, R, range(11, STEPS + 1))
+
+
+def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
+    """2 micro-batches per step: DeepSpeed accumulates and scales (1/2), experts reduced once per step."""
+    tmp = runs["tmp"]
+    acc = ("trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
+    ref = _ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
+    z = _ok(train(tmp, "acc_z2", 2, None, extra=acc, batch_size=2, strategy=ds(2, 2)))
+    want, got = ref.rows(), z.rows()
+    assert len(want) == len(got) == 12
+    for w, g in zip(want, got):
+        assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (w, g)
