@@ -139,6 +139,17 @@ def _model_rules(m: DictConfig) -> None:
             f"model.num_heads={heads} is not a multiple of model.num_kv_heads={kv}. "
             "Pick num_kv_heads dividing num_heads (GQA groups)."
         )
+    if m.get("activation_checkpointing") is not None:
+        from moe_plugin.parallel.recompute import check_activation_checkpointing
+
+        try:
+            check_activation_checkpointing(
+                m.get("activation_checkpointing"),
+                m.get("activation_checkpointing_target", "blocks"),
+                m.get("activation_checkpointing_every", 1),
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     head_dim = m.get("head_dim") or (hidden // heads if hidden and heads else None)
     if isinstance(head_dim, int) and (head_dim < 2 or head_dim % 2):
         key = "model.head_dim" if m.get("head_dim") else f"model.hidden_size/model.num_heads={hidden}/{heads}"
@@ -299,8 +310,13 @@ def _layout_rules(cfg: DictConfig) -> None:
 
         num_experts = _inspect.signature(MoE).parameters["num_experts"].default
     world = _world_size(cfg)
+    shard = strategy.get("data_parallel_shard_size", 1)
+    replicate = strategy.get("data_parallel_replicate_size")
+    if not isinstance(shard, int) or isinstance(shard, bool):
+        raise ConfigError(f"strategy.data_parallel_shard_size={shard!r} must be an integer >= 1.")
     try:
-        check_layout(world if world is not None else ep, ep, [num_experts])
+        w = world if world is not None else max(ep, shard)
+        check_layout(w, ep, [num_experts], shard, replicate if world is not None else None)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

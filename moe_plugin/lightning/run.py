@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from moe_plugin.lightning.resume import resolve_resume
 from moe_plugin.lightning.trainer import build, build_trainer, instantiate_list
 from moe_plugin.models.inspect import count_parameters
 from moe_plugin.parallel.compile import compile_blocks
+from moe_plugin.parallel.recompute import apply_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,14 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
             f"Set model.vocab_size={vocab_size} or more."
         )
     model = build(cfg.model, "model", _convert_="partial")
+    # model.activation_checkpointing=none|full|selective, applied from outside (parallel/recompute.py),
+    # before compilation and sharding wrap the blocks (torchtitan's order)
+    apply_activation_checkpointing(
+        model,
+        getattr(model, "activation_checkpointing", "none"),
+        getattr(model, "activation_checkpointing_target", "blocks"),
+        getattr(model, "activation_checkpointing_every", 1),
+    )
     if getattr(model, "compile_requested", False):  # model.compile=true: regional torch.compile of each block
         compile_blocks(model)
     optim = OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else {}
@@ -58,11 +68,15 @@ def run(cfg: DictConfig) -> float | None:
     if (cfg.get("train", True) or cfg.get("test", False)) and hasattr(datamodule, "prepare_corpus"):
         datamodule.prepare_corpus()
     ckpt_path = resolve_resume(cfg) if cfg.get("train", True) else None
-    module = module_for_evaluation(cfg, build_module(cfg, getattr(datamodule, "vocab_size", None)))
     summary_cb = RunSummary()
     callbacks = [summary_cb, *instantiate_list(cfg.get("callbacks"))]
     loggers = instantiate_list(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    # strategy=expert_parallel with sharding builds the model on the meta device (no rank holds it whole)
+    init_context = getattr(trainer.strategy, "model_init_context", nullcontext)
+    with init_context():
+        module = build_module(cfg, getattr(datamodule, "vocab_size", None))
+    module = module_for_evaluation(cfg, module)  # train=false ckpt_path=...: the checkpoint's own (real) model
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 

@@ -78,6 +78,9 @@ class MoEDecoderLM(nn.Module):
         dense_ffn_hidden_size: int | None = None,
         moe: dict[str, Any] | None = None,
         init_std: float = 0.02,
+        activation_checkpointing: str = "none",
+        activation_checkpointing_target: str = "blocks",
+        activation_checkpointing_every: int = 1,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -103,6 +106,10 @@ class MoEDecoderLM(nn.Module):
         self.rope_theta = rope_theta
         self.max_seq_len = max_seq_len
         self.init_std = init_std
+        # training settings recorded here, applied from outside by moe_plugin.parallel.recompute (no model math)
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing_target = activation_checkpointing_target
+        self.activation_checkpointing_every = activation_checkpointing_every
         # A request for the training glue (lightning/run.py -> parallel/compile.py compiles each block);
         # the model itself never calls torch.compile.
         self.compile_requested = compile
@@ -139,12 +146,24 @@ class MoEDecoderLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-style init: N(0, init_std) for embeddings and projections, scaled on residual outputs."""
-        residual_std = self.init_std / (2 * self.num_layers) ** 0.5
         for name, p in self.named_parameters():
             if p.dim() < 2 or p.is_meta:
                 continue
-            is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
-            nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std)
+            self.init_parameter_(name, p)
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise one parameter, or one expert's slice [1, ...] of a stacked expert weight, in place.
+
+        N(0, init_std), and N(0, init_std / sqrt(2 * num_layers)) on residual outputs; vectors (norms, biases)
+        keep their constructor values. moe_plugin.parallel.materialise calls it with a generator derived from
+        the seed, the name and the global expert index (layout-independent init of a meta-device model).
+        """
+        if p.dim() < 2:
+            return
+        residual_std = self.init_std / (2 * self.num_layers) ** 0.5
+        is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "w_down_EFD"))
+        nn.init.normal_(p, std=residual_std if is_residual_out else self.init_std, generator=generator)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for `forward(..., cache=...)` (generation)."""

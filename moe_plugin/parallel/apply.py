@@ -16,7 +16,8 @@ checkpoint code relies on this to map optimizer state between layouts).
 
 Expert weights are taken from the model as built on this rank, then broadcast from the first rank of
 each expert-data-parallel group, so replicas of an expert start identical even if ranks were seeded
-differently.
+differently. A model built on the meta device (materialise.py) is sliced without memory and broadcasts
+nothing: its experts are initialised per global expert id later.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _shard_experts(layer: MoE, start: int, stop: int, mesh: ExpertParallelMesh) 
                 "expert weights must be stacked [E, ...] to be sharded."
             )
         local = p.detach()[start:stop].clone().contiguous()
-        if mesh.expert_data_group is not None and mesh.data_parallel_size > 1:
+        if mesh.expert_data_group is not None and mesh.data_parallel_size > 1 and not local.is_meta:
+            # (meta experts are initialised later by materialise.py, the same on every replica)
             src = mesh.expert_data_group_ranks()[0]
             dist.broadcast(local, src=src, group=mesh.expert_data_group)
         setattr(experts, name, nn.Parameter(local, requires_grad=p.requires_grad))

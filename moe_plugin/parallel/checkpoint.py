@@ -1,5 +1,5 @@
 """Sharded, topology-independent checkpoints for expert parallelism (format owned here; see
-CHECKPOINT-CONTRACT: how files are written atomically/asynchronously is the CheckpointIO's business).
+docs/reliability.md: how files are written atomically/asynchronously is the CheckpointIO's business).
 
 Vocabulary: E global experts of a layer, L local experts of a rank, W world size, EP expert-parallel size.
 
@@ -20,6 +20,19 @@ Optimizer state is stored by parameter NAME (not by the optimizer's integer ids)
 layout: per-expert state tensors (Adam's exp_avg, exp_avg_sq: same shape as the parameter) are sliced
 and concatenated along the expert dimension like the weights; scalar state (step) is copied.
 
+Format version 2 (written when the dense part is fully sharded, strategy.data_parallel_shard_size > 1):
+the same meta.pt and expert shard files (each expert slice gathered from its FSDP shards over the expert
+shard group before the first replica writes it), plus the sharded dense state written collectively by
+every rank through torch.distributed.checkpoint (DCP, see dense_dcp.py):
+
+    P/dense/                           DCP: "model/<name>" dense parameters and "optim/<i>/<name>/<key>"
+                                       dense optimizer state, as DTensor shards; resharded on load
+    meta.pt                            layout: + data_parallel_shard_size, "dense_dcp": "dense",
+                                       "expert_files" (the experts-*.pt), "shard_files" (every file of the
+                                       checkpoint, checksum sidecars included: what validity checks read)
+
+Version-1 directories (no DCP, dense state in meta.pt) load at every layout as before.
+
 Loading builds, for the loading rank, an ordinary Lightning checkpoint dict (its local expert slices,
 integer-keyed optimizer state for its own optimizers), from either a directory at any EP/world size or
 a plain single-file Lightning checkpoint (no expert parallelism). No rank reads the shards it does not
@@ -37,9 +50,15 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads and writes
+# a replicated dense part (DDP, strategy.data_parallel_shard_size=1) is still written as version 1, which
+# earlier moe_plugin releases read too; version 2 = dense state in DCP (checkpoint_sharded.py)
+REPLICATED_FORMAT_VERSION = 1
 META_FILE = "meta.pt"
 LAYOUT_KEY = "moe_plugin_layout"
+DENSE_DIR = "dense"
+# key of the loaded meta dict that points at a version-2 checkpoint's DCP folder (never written to disk)
+DENSE_DCP_KEY = "_moe_plugin_dense_dcp"
 
 
 class CheckpointFormatError(ValueError):
@@ -136,7 +155,7 @@ def split_checkpoint(
     meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
     meta["state_dict"] = {k: v for k, v in state_dict.items() if k not in expert}
     shard: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": REPLICATED_FORMAT_VERSION,
         "expert_parallel_size": layout.expert_parallel_size,
         "ep_rank": layout.ep_rank,
         "experts": {n: {"start": start, "tensor": state_dict[n]} for n, (_, start, _) in expert.items()},
@@ -150,7 +169,7 @@ def split_checkpoint(
         shard["optimizer_states"] = [{n: s for n, s in o["state"].items() if n in expert} for o in named]
     num_experts = {n.rsplit(".experts.", 1)[0]: e for n, (e, _, _) in expert.items()}
     meta[LAYOUT_KEY] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": REPLICATED_FORMAT_VERSION,
         "expert_parallel_size": layout.expert_parallel_size,
         "world_size": layout.world_size,
         "num_experts": num_experts,
@@ -260,8 +279,10 @@ def _read_sources(
                 f"({FORMAT_VERSION}). Upgrade moe_plugin."
             )
         ep = layout["expert_parallel_size"]
-        names = layout["shard_files"]
+        names = layout.get("expert_files", layout["shard_files"])
         shards = [(lambda f=f: load_file(str(p / f)), j, ep) for j, f in enumerate(names)]
+        if layout.get("dense_dcp"):
+            meta[DENSE_DCP_KEY] = str(p / layout["dense_dcp"])
         return meta, _ExpertSource(layout["expert_params"], shards), meta.pop("optimizer_states", None)
     ckpt = load_file(str(p))
     if LAYOUT_KEY in ckpt:
@@ -299,6 +320,14 @@ class _PlainSource(_ExpertSource):
         return [(0, start, stop)]
 
 
+def _merge_dense_full(meta: dict[str, Any], dense_opt: list[dict[str, Any]] | None) -> None:
+    """Version 2: read the DCP dense state whole into meta/dense_opt (a replicated layout needs all of it)."""
+    if DENSE_DCP_KEY in meta:
+        from moe_plugin.parallel.checkpoint_sharded import merge_dense_full  # DCP only when a v2 dir is read
+
+        merge_dense_full(meta, dense_opt)
+
+
 def load_for_rank(
     path: str | os.PathLike[str],
     expert_params: dict[str, tuple[int, int, int]],
@@ -311,6 +340,7 @@ def load_for_rank(
     current optimizers' parameter names (optimizer_param_names).
     """
     meta, source, dense_opt = _read_sources(path, load_file, optimizer_names)
+    _merge_dense_full(meta, dense_opt)
     if isinstance(source, _PlainSource):
         source.expert_params = {n: e for n, (e, _, _) in expert_params.items()}
     out = dict(meta)
@@ -355,6 +385,7 @@ def consolidate(path: str | os.PathLike[str], load_file: Callable[[str], dict[st
     if not p.is_dir():
         raise CheckpointFormatError(f"{p} is not a sharded checkpoint directory (it is already a single file).")
     meta, source, dense_opt = _read_sources(p, load_file, None)
+    _merge_dense_full(meta, dense_opt)
     full = {n: (e, 0, e) for n, e in source.expert_params.items()}
     names = [[g["params"] for g in o["param_groups"]] for o in dense_opt] if dense_opt else []
     out = dict(meta)

@@ -113,3 +113,44 @@ def broadcast_dense_states(module: nn.Module, skip: set[str], src: int = 0) -> N
     tensors = [t for n, t in list(module.named_parameters()) + list(module.named_buffers()) if n not in skip]
     for t in tensors:
         dist.broadcast(t.data, src=src)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2's sharded parameters and gradients), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def clip_grad_norm_sharded(
+    dense_params: list[torch.Tensor],
+    expert_params: list[torch.Tensor],
+    max_norm: float,
+    dense_replicas: int,
+    expert_replicas: int,
+) -> torch.Tensor:
+    """Global-norm clipping when gradients are FSDP2 shards (DTensors on two different meshes).
+
+    Each rank holds a distinct shard of the dense gradients, repeated on `dense_replicas` = R ranks, and a
+    distinct shard of its experts' gradients, repeated on `expert_replicas` = ER ranks. One all_reduce
+    over the world of (sum of dense shard squares, sum of expert shard squares) counts each value R
+    (resp. ER) times, hence
+
+        ||g||^2 = allreduce(dense_sq) / R + allreduce(expert_sq) / ER,   coef = min(1, max_norm / (||g|| + 1e-6))
+
+    (torch.nn.utils.clip_grad_norm_'s formula, computed in float32). Returns ||g||.
+    """
+    dense = [_local(p.grad) for p in dense_params if p.grad is not None]
+    experts = [_local(p.grad) for p in expert_params if p.grad is not None]
+    ref = (dense or experts or [torch.zeros(1)])[0]
+    sq = torch.zeros(2, dtype=torch.float32, device=ref.device)
+    for g in dense:
+        sq[0] += g.detach().float().pow(2).sum()
+    for g in experts:
+        sq[1] += g.detach().float().pow(2).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    total = (sq[0] / dense_replicas + sq[1] / expert_replicas).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in dense + experts:
+        g.mul_(coef.to(g.dtype))
+    return total

@@ -1,6 +1,8 @@
-"""The (data, expert) process mesh of expert parallelism, built once from the world size and EP.
+"""The process mesh of expert parallelism x sharded data parallelism, every axis in one object.
 
-Vocabulary: W world size, EP expert-parallel size, DP = W / EP expert-data-parallel size.
+Vocabulary: W world size, EP expert-parallel size, DP = W / EP expert-data-parallel size,
+S data-parallel shard size (FSDP2 of the dense part), R = W / S data-parallel replicate size (HSDP),
+ES expert shard size (experts fully sharded over ES of their DP replicas), ER = DP / ES.
 
 Ranks are laid out row-major on a DP x EP grid, expert axis fastest, so an expert group is EP
 consecutive ranks (on one node whenever EP divides the devices per node: the all-to-all stays on the
@@ -17,6 +19,17 @@ Every rank processes distinct data, so the number of data shards is W (not DP): 
 averaged over W by DDP, and expert gradients are summed over the expert-data-parallel group and divided
 by W (see grads.py).
 
+Sharded data parallelism (S > 1, see sharding.py) adds two torch DeviceMeshes over the same ranks:
+
+    dense  mesh  [R, S]       rank = r * S + s                  dense modules: fully_shard, HSDP over R
+    expert mesh  [EP, ER, ES] rank = (er * ES + es) * EP + ep    experts: fully_shard over (ER, ES) of
+                                                                 their own ep coordinate ("efsdp")
+
+ES = S / EP when EP divides S (torchtitan carves EP out of the shard axis: an expert group and its
+expert-shard groups all lie inside one dense shard group), else 1 (experts replicated over DP, as with
+S = 1). The expert coordinates keep dp_rank = er * ES + es = rank // EP, so the all-to-all groups and
+the checkpoint's expert ranges are those of the S = 1 layout.
+
 The groups are created with an explicit timeout so a dead peer turns into an error instead of a hang.
 `torch.distributed.new_group` is collective over the whole world: every rank creates every group in
 the same order, which `build_expert_parallel_mesh` does.
@@ -24,19 +37,40 @@ the same order, which `build_expert_parallel_mesh` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 class LayoutError(ValueError):
     """An impossible (world size, expert-parallel size, number of experts) combination."""
 
 
-def check_layout(world_size: int, expert_parallel_size: int, num_experts: list[int] | tuple[int, ...] = ()) -> None:
+def check_layout(
+    world_size: int,
+    expert_parallel_size: int,
+    num_experts: list[int] | tuple[int, ...] = (),
+    data_parallel_shard_size: int = 1,
+    data_parallel_replicate_size: int | None = None,
+) -> None:
     """Raise LayoutError naming the config key and the fix. Pure: safe to call before any process waits."""
-    ep, w = expert_parallel_size, world_size
+    ep, w, s = expert_parallel_size, world_size, data_parallel_shard_size
+    if s < 1:
+        raise LayoutError(f"strategy.data_parallel_shard_size={s} must be >= 1 (1 = dense part replicated, DDP).")
+    if w % s:
+        divisors = [d for d in range(1, w + 1) if w % d == 0]
+        raise LayoutError(
+            f"The world size {w} (trainer.devices x trainer.num_nodes) is not divisible by "
+            f"strategy.data_parallel_shard_size={s}. Use a data_parallel_shard_size in {divisors}."
+        )
+    if data_parallel_replicate_size is not None and data_parallel_replicate_size * s != w:
+        raise LayoutError(
+            f"strategy.data_parallel_replicate_size={data_parallel_replicate_size} x strategy.data_parallel_shard_size="
+            f"{s} must equal the world size {w}. Set data_parallel_replicate_size={w // s} or null (derived)."
+        )
     if ep < 1:
         raise LayoutError(f"strategy.expert_parallel_size={ep} must be >= 1 (1 = every rank holds every expert).")
     if ep > w:
@@ -72,6 +106,37 @@ class ExpertParallelMesh:
     expert_group: dist.ProcessGroup | None
     expert_data_group: dist.ProcessGroup | None
     world_group: dist.ProcessGroup | None
+    # keyword-only, so that subclasses (parallel/islands.py's IslandMesh) can add required fields
+    _: KW_ONLY
+    data_parallel_shard_size: int = 1
+    dense_mesh: DeviceMesh | None = None  # [R, S] ("dp_replicate", "dp_shard"); None when S = 1
+    expert_mesh: DeviceMesh | None = None  # [EP, ER, ES] ("ep", "edp_replicate", "edp_shard"); None when S = 1
+
+    @property
+    def sharded(self) -> bool:
+        """True when the dense part is fully sharded (S > 1): FSDP2 instead of DDP."""
+        return self.data_parallel_shard_size > 1
+
+    @property
+    def data_parallel_replicate_size(self) -> int:
+        """R: replicas of each dense shard (HSDP's replicate axis); W when S = 1 (plain DDP)."""
+        return self.world_size // self.data_parallel_shard_size
+
+    @property
+    def expert_shard_size(self) -> int:
+        """ES: over how many of its DP replicas each expert is fully sharded."""
+        return expert_shard_size(self.expert_parallel_size, self.data_parallel_shard_size)
+
+    @property
+    def expert_replicate_size(self) -> int:
+        """ER = DP / ES: replicas of each expert shard."""
+        return self.data_parallel_size // self.expert_shard_size
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """The 2-D (ER, ES) mesh this rank's experts are fully sharded over (its own ep coordinate)."""
+        if self.expert_mesh is None:
+            raise RuntimeError("the expert mesh exists only with strategy.data_parallel_shard_size > 1")
+        return self.expert_mesh["edp_replicate", "edp_shard"]
 
     @property
     def data_parallel_size(self) -> int:
@@ -100,8 +165,28 @@ class ExpertParallelMesh:
     def __repr__(self) -> str:
         return (
             f"ExpertParallelMesh(world={self.world_size}, EP={self.expert_parallel_size}, "
-            f"DP={self.data_parallel_size}, rank={self.rank}, ep_rank={self.ep_rank}, dp_rank={self.dp_rank})"
+            f"DP={self.data_parallel_size}, S={self.data_parallel_shard_size}, R={self.data_parallel_replicate_size}, "
+            f"ES={self.expert_shard_size}, rank={self.rank}, ep_rank={self.ep_rank}, dp_rank={self.dp_rank})"
         )
+
+
+def expert_shard_size(expert_parallel_size: int, data_parallel_shard_size: int) -> int:
+    """ES = S / EP when EP divides S, else 1 (see the module docstring)."""
+    ep, s = expert_parallel_size, data_parallel_shard_size
+    return s // ep if s % ep == 0 else 1
+
+
+def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Tensor:
+    """[R, S] grid of ranks, shard axis fastest."""
+    return torch.arange(world_size).reshape(world_size // data_parallel_shard_size, data_parallel_shard_size)
+
+
+def expert_mesh_ranks(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> torch.Tensor:
+    """[EP, ER, ES] grid of ranks: rank = (er * ES + es) * EP + ep."""
+    ep = expert_parallel_size
+    es = expert_shard_size(ep, data_parallel_shard_size)
+    er = world_size // ep // es
+    return torch.arange(world_size).reshape(er, es, ep).permute(2, 0, 1).contiguous()
 
 
 def expert_group_ranks(world_size: int, expert_parallel_size: int) -> list[list[int]]:
@@ -120,17 +205,20 @@ def build_expert_parallel_mesh(
     expert_parallel_size: int,
     timeout: timedelta | None = None,
     backend: str | None = None,
+    data_parallel_shard_size: int = 1,
+    device_type: str = "cpu",
 ) -> ExpertParallelMesh:
-    """Create the expert and expert-data-parallel groups (collective: call on every rank, once).
+    """Create the expert and expert-data-parallel groups, and with S > 1 the dense and expert DeviceMeshes
+    (collective: call on every rank, once, in the same order).
 
-    Without an initialised process group this returns a one-rank mesh (EP must then be 1), so the same
-    code path serves single-process training and tests.
+    Without an initialised process group this returns a one-rank mesh (EP and S must then be 1), so the
+    same code path serves single-process training and tests.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        check_layout(1, expert_parallel_size)
+        check_layout(1, expert_parallel_size, data_parallel_shard_size=data_parallel_shard_size)
         return ExpertParallelMesh(1, 0, expert_parallel_size, None, None, None)
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_layout(world, expert_parallel_size)
+    check_layout(world, expert_parallel_size, data_parallel_shard_size=data_parallel_shard_size)
     kwargs = {"timeout": timeout, "backend": backend}
     expert_group = expert_data_group = None
     for ranks in expert_group_ranks(world, expert_parallel_size):
@@ -141,4 +229,27 @@ def build_expert_parallel_mesh(
         group = dist.new_group(ranks, **kwargs)
         if rank in ranks:
             expert_data_group = group
-    return ExpertParallelMesh(world, rank, expert_parallel_size, expert_group, expert_data_group, dist.group.WORLD)
+    dense_mesh = expert_mesh = None
+    if data_parallel_shard_size > 1:
+        # DeviceMesh creates one group per slice of each dimension, collectively, in the same order everywhere
+        dense_mesh = DeviceMesh(
+            device_type,
+            dense_mesh_ranks(world, data_parallel_shard_size),
+            mesh_dim_names=("dp_replicate", "dp_shard"),
+        )
+        expert_mesh = DeviceMesh(
+            device_type,
+            expert_mesh_ranks(world, expert_parallel_size, data_parallel_shard_size),
+            mesh_dim_names=("ep", "edp_replicate", "edp_shard"),
+        )
+    return ExpertParallelMesh(
+        world,
+        rank,
+        expert_parallel_size,
+        expert_group,
+        expert_data_group,
+        dist.group.WORLD,
+        data_parallel_shard_size=data_parallel_shard_size,
+        dense_mesh=dense_mesh,
+        expert_mesh=expert_mesh,
+    )

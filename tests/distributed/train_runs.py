@@ -50,6 +50,7 @@ def train(
     extra: tuple[str, ...] = (),
     timeout: float = 300,
     batch_size: int | None = None,
+    save_every: int = SAVE_EVERY,
     strategy: tuple[str, ...] = (),
 ) -> Run:
     """ep=None: plain Lightning (strategy=auto, one process); else strategy=expert_parallel with EP=ep.
@@ -65,7 +66,7 @@ def train(
         "trainer.enable_progress_bar=false",
         "validate_at_end=false",
         f"data.batch_size={batch_size or GLOBAL_BATCH // world}",
-        f"callbacks.model_checkpoint.every_n_train_steps={SAVE_EVERY}",
+        f"callbacks.model_checkpoint.every_n_train_steps={save_every}",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.model_checkpoint.monitor=null",
         "callbacks.model_checkpoint.save_last=false",

@@ -184,6 +184,8 @@ class LossSpikeGuard(pl.Callback):
         self._stepped = True
         self.rejected = False
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # FSDP2 (strategy.data_parallel_shard_size > 1): gradients are DTensors on several meshes; use the shards
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         local_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         local_bad = not (math.isfinite(self._loss_sum) and math.isfinite(local_norm))
         loss, gnorm, bad = mean_over_ranks(

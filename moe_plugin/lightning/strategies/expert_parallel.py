@@ -2,7 +2,16 @@
 
     Trainer(strategy="expert_parallel", devices=4)                        # EP=1: DDP + sharded checkpoints
     Trainer(strategy=ExpertParallelStrategy(expert_parallel_size=2), devices=4)
+    Trainer(strategy=ExpertParallelStrategy(expert_parallel_size=2, data_parallel_shard_size=2), devices=4)
     python train.py strategy=expert_parallel strategy.expert_parallel_size=2 trainer.devices=2
+    python train.py strategy=expert_parallel strategy.expert_parallel_size=2 strategy.data_parallel_shard_size=2 \
+        trainer.devices=4                                                 # EP 2 x FSDP2 shard 2
+
+data_parallel_shard_size = 1 is DDP of the dense part (below). data_parallel_shard_size = S > 1 replaces
+DDP by FSDP2 (moe_plugin/parallel/sharding.py): the dense part is fully sharded over S ranks and
+replicated over W / S (HSDP), experts are fully sharded over their expert-data-parallel ranks; FSDP
+reduces the gradients (no DDP, no reduce_expert_gradients), clipping uses clip_grad_norm_sharded, and
+checkpoints are written in format version 2 (dense state through torch.distributed.checkpoint).
 
 What it adds to DDP (VendorDDPStrategy: the vendor backend, no CUDA-only stream), in the order Lightning calls it:
 - setup_environment: checks the layout (world % EP, EP <= world, num_experts % EP) BEFORE creating the
@@ -21,9 +30,13 @@ What it adds to DDP (VendorDDPStrategy: the vendor backend, no CUDA-only stream)
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -36,18 +49,25 @@ from moe_plugin.accelerators.lightning_accelerators import VendorDDPStrategy
 from moe_plugin.layers.moe import moe_layers
 from moe_plugin.parallel.apply import ExpertParallelPlan, apply_expert_parallel
 from moe_plugin.parallel.checkpoint import (
+    DENSE_DIR,
+    LAYOUT_KEY,
+    META_FILE,
     ShardedLayout,
     load_for_rank,
     optimizer_param_names,
     save_sharded,
+    shard_file_name,
 )
 from moe_plugin.parallel.grads import (
     broadcast_dense_states,
     clip_grad_norm_expert_parallel,
+    clip_grad_norm_sharded,
     exclude_from_ddp,
     reduce_expert_gradients,
 )
+from moe_plugin.parallel.materialise import materialise_, meta_init_context
 from moe_plugin.parallel.mesh import ExpertParallelMesh, build_expert_parallel_mesh, check_layout
+from moe_plugin.parallel.sharding import apply_sharded_data_parallel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +91,10 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         timeout_seconds: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         reduce_router_counts: bool = True,
+        data_parallel_shard_size: int = 1,
+        data_parallel_replicate_size: int | None = None,
+        offload_optimizer: bool = False,
+        meta_init: bool | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -82,12 +106,28 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             start_method: how Lightning starts local processes ("popen" re-runs the script, as DDP does).
             reduce_router_counts: sum router token counts over all ranks for the balance loss and load
                 statistics (values equal one process on the global batch); False = per-rank counts.
+            data_parallel_shard_size: S, ranks the dense part is fully sharded over with FSDP2 (1 = DDP).
+            data_parallel_replicate_size: R = world / S (HSDP's replicate axis); None derives it, a value is checked.
+            offload_optimizer: keep the sharded parameters, gradients and optimizer state in host memory
+                (FSDP2's CPUOffloadPolicy; needs data_parallel_shard_size > 1).
+            meta_init: build the model on the meta device (model_init_context) and materialise only this rank's
+                shards with the layout-independent init of parallel/materialise.py. None = on when
+                data_parallel_shard_size > 1 (no rank ever holds the whole model).
             kwargs: passed to DDPStrategy / DistributedDataParallel.
         """
         if int(expert_parallel_size) < 1:
             raise ValueError(f"strategy.expert_parallel_size={expert_parallel_size} must be >= 1.")
         if timeout_seconds <= 0:
             raise ValueError(f"strategy.timeout_seconds={timeout_seconds} must be > 0 (seconds).")
+        if int(data_parallel_shard_size) < 1:
+            raise ValueError(
+                f"strategy.data_parallel_shard_size={data_parallel_shard_size} must be >= 1 (1 = DDP of the dense part)."
+            )
+        if offload_optimizer and int(data_parallel_shard_size) == 1:
+            raise ValueError(
+                "strategy.offload_optimizer=true needs strategy.data_parallel_shard_size > 1 (FSDP2's CPU offload). "
+                "Set data_parallel_shard_size, or offload_optimizer=false."
+            )
         super().__init__(
             process_group_backend=process_group_backend,
             timeout=timedelta(seconds=timeout_seconds),
@@ -97,10 +137,26 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         self.expert_parallel_size = int(expert_parallel_size)
         self.timeout_seconds = timeout_seconds
         self.reduce_router_counts = reduce_router_counts
+        self.data_parallel_shard_size = int(data_parallel_shard_size)
+        self.data_parallel_replicate_size = data_parallel_replicate_size
+        self.offload_optimizer = bool(offload_optimizer)
+        self.meta_init = self.data_parallel_shard_size > 1 if meta_init is None else bool(meta_init)
         self.mesh: ExpertParallelMesh | None = None
         self.plan: ExpertParallelPlan | None = None
 
     # ------------------------------------------------------------------------------------ set-up
+    def model_init_context(self) -> AbstractContextManager:
+        """Where run.py builds the model: matrices on the meta device when meta_init (parallel/materialise.py)."""
+        return meta_init_context() if self.meta_init else nullcontext()
+
+    def _materialise(self, module: torch.nn.Module) -> None:
+        """Allocate and initialise this rank's shards of a meta-built model (seed: pl.seed_everything's)."""
+        assert self.plan is not None
+        if not any(p.is_meta for p in module.parameters()):
+            return
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        materialise_(module, seed, self.root_device, self.plan.expert_params)
+
     def _get_process_group_backend(self) -> str:
         return self._process_group_backend or collective_backend(self.root_device.type)
 
@@ -108,12 +164,23 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         world = self.num_nodes * self.num_processes
         module = self.lightning_module
         num_experts = [m.num_experts for m in moe_layers(module)] if module is not None else []
-        check_layout(world, self.expert_parallel_size, num_experts)  # before any rank waits on another
+        # before any rank waits on another
+        check_layout(
+            world,
+            self.expert_parallel_size,
+            num_experts,
+            self.data_parallel_shard_size,
+            self.data_parallel_replicate_size,
+        )
         super().setup_environment()
         if self.mesh is not None:  # fit then validate with the same Trainer: the groups exist already
             return
         self.mesh = build_expert_parallel_mesh(
-            self.expert_parallel_size, timeout=self._timeout, backend=self._process_group_backend
+            self.expert_parallel_size,
+            timeout=self._timeout,
+            backend=self._process_group_backend,
+            data_parallel_shard_size=self.data_parallel_shard_size,
+            device_type=self.root_device.type,
         )
         rank_zero_info(f"expert parallelism: {self.mesh} backend={self._process_group_backend}")
 
@@ -129,6 +196,9 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         assert module is not None
         self.plan = apply_expert_parallel(module, self.mesh, self.reduce_router_counts)
         trainer_fn = trainer.state.fn
+        if self.mesh.sharded:
+            return self._setup_sharded(trainer)
+        self._materialise(module)  # a meta-built model under DDP: this rank's experts, the whole dense part
         if trainer_fn == TrainerFn.FITTING and self._layer_sync:
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
@@ -145,6 +215,29 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _setup_sharded(self, trainer: pl.Trainer) -> None:
+        """FSDP2 instead of DDP: replicas made identical, fully_shard, then optimizers on the sharded parameters."""
+        assert self.mesh is not None and self.plan is not None
+        module = self.lightning_module
+        assert module is not None
+        self.precision_plugin.convert_module(self.model)
+        if not any(p.is_meta for p in module.parameters()):
+            self.model_to_device()
+            # what DDP does at wrap time: every replica starts from rank 0's dense weights
+            broadcast_dense_states(module, skip=set(self.plan.expert_params))
+        apply_sharded_data_parallel(
+            module,
+            self.mesh,
+            precision=self.precision_plugin.precision,
+            offload_optimizer=self.offload_optimizer,
+            children_as_roots=True,
+        )
+        self._materialise(module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._install_expert_parallel_clipping()
+        self.setup_precision_plugin()
 
     def _parameters(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """(dense, expert) trainable parameters of the LightningModule."""
@@ -163,8 +256,13 @@ class ExpertParallelStrategy(VendorDDPStrategy):
 
         def clip_grad_by_norm(optimizer: Any, clip_val: float) -> None:
             dense, expert = self._parameters()
-            assert self.mesh is not None
-            clip_grad_norm_expert_parallel(dense, expert, float(clip_val), self.mesh.expert_group)
+            mesh = self.mesh
+            assert mesh is not None
+            if mesh.sharded:
+                R, ER = mesh.data_parallel_replicate_size, mesh.expert_replicate_size
+                clip_grad_norm_sharded(dense, expert, float(clip_val), R, ER)
+            else:
+                clip_grad_norm_expert_parallel(dense, expert, float(clip_val), mesh.expert_group)
 
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
         plugin._moe_plugin_clipping = True  # type: ignore[attr-defined]
@@ -208,6 +306,8 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         """Run Lightning's closure (forward + backward), then reduce expert gradients before hooks/clipping."""
         out = closure()
         assert self.mesh is not None
+        if self.mesh.sharded:  # FSDP's reduce-scatter already applied the expert rule (sharding.py)
+            return out
         _, expert = self._parameters()
         reduce_expert_gradients(expert, self.mesh.expert_data_group, self.mesh.world_size)
         return out
@@ -245,7 +345,39 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             self.checkpoint_io.save_checkpoint(obj, path, storage_options=storage_options)
 
         names = self._optimizer_names() if "optimizer_states" in checkpoint else []
+        assert self.mesh is not None
+        if self.mesh.sharded:
+            return self._save_sharded_v2(checkpoint, Path(filepath), names, save_file)
         save_sharded(checkpoint, filepath, self._layout(), names, save_file)
+
+    def _save_sharded_v2(
+        self, checkpoint: dict[str, Any], path: Path, names: list[list[list[str]]], save_file: Any
+    ) -> None:
+        """Format version 2 (checkpoint.py): DCP for the dense shards, experts by global index, meta last."""
+        from moe_plugin.parallel.checkpoint_sharded import save_dense, split_sharded_checkpoint
+
+        assert self.mesh is not None
+        layout = self._layout()
+        meta, shard, dense = split_sharded_checkpoint(checkpoint, layout, names, self.mesh.data_parallel_shard_size)
+        if layout.rank == 0:
+            if path.is_file():  # a plain checkpoint of an earlier run at the same name (e.g. last.ckpt)
+                path.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier("moe_plugin.save.mkdir")
+        files = save_dense(dense, path / DENSE_DIR)
+        # checksum sidecars for the DCP files this rank wrote (the coordinator also wrote .metadata)
+        mine = [f for f in files if f.startswith(f"__{layout.rank}_") or (layout.rank == 0 and not f.startswith("__"))]
+        for f in mine:
+            _write_sidecar(path / DENSE_DIR / f, checkpoint.get("global_step"), checkpoint.get("epoch"))
+        self.barrier("moe_plugin.save.dense")
+        meta[LAYOUT_KEY]["shard_files"] = [
+            *meta[LAYOUT_KEY]["expert_files"],
+            *(f"{DENSE_DIR}/{f}" for f in files),
+        ]
+        if layout.writes_shard:
+            save_file(shard, str(path / shard_file_name(layout.ep_rank, layout.expert_parallel_size)))
+        if layout.rank == 0:
+            save_file(meta, str(path / META_FILE))
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         assert self.plan is not None, "ExpertParallelStrategy restores checkpoints after setup"
@@ -255,7 +387,36 @@ class ExpertParallelStrategy(VendorDDPStrategy):
                 return self.checkpoint_io.load_checkpoint(path)
             return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
 
+        assert self.mesh is not None
+        if self.mesh.sharded:  # in place: each rank reads only its dense shards (DCP)
+            from moe_plugin.parallel.checkpoint_sharded import load_into_sharded
+
+            module = self.lightning_module
+            assert module is not None
+            optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+            return load_into_sharded(checkpoint_path, module, optimizers, self.plan.expert_params, load_file)
         return load_for_rank(checkpoint_path, self.plan.expert_params, self._optimizer_names(), load_file)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if self.mesh is not None and self.mesh.sharded:
+            return  # loaded in place by load_checkpoint
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        # the sharded layout loads optimizer state in place in load_checkpoint
+        return not (self.mesh is not None and self.mesh.sharded)
+
+
+def _write_sidecar(path: Path, global_step: Any, epoch: Any) -> None:
+    """The checksum sidecar of a file written by DCP (same record as lightning/checkpoint_io.py's own files)."""
+    from moe_plugin.lightning.checkpoint_io import sha256_of, sidecar_path
+
+    record = {"sha256": sha256_of(path), "bytes": path.stat().st_size, "global_step": global_step, "epoch": epoch}
+    side = sidecar_path(path)
+    tmp = side.parent / f".{side.name}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, side)
 
 
 class _FirstBatches:

@@ -1,0 +1,228 @@
+"""EP x FSDP2 sharding vs EP with a replicated dense part: per-rank memory and step time, 4 gloo processes.
+
+    python bench/sharded.py                  # table (4 processes, ~100M-parameter MoE)
+    python bench/sharded.py --json
+    python bench/sharded.py --steps 3 --threads 1
+
+Layouts (all on 4 processes, the same global batch):
+- ep2_ddp: EP 2, dense part replicated (DDP), the model built whole on every rank then sliced (S = 1);
+- ep2_s2:  EP 2 x shard 2: dense part sharded over 2, replicated over 2; experts replicated over their 2
+           DP ranks (ES = S / EP = 1); built on the meta device;
+- ep2_s4:  EP 2 x shard 4: dense part sharded over 4; experts fully sharded over their 2 DP ranks (ES 2).
+Per layout, the largest rank's:
+- state MB: bytes of this rank's parameters + gradients + AdamW moments (exact, from the tensors);
+- setup MB / peak MB: resident-set growth over the process's baseline (after imports and process-group
+  start) at the end of set-up, and at the end of the run (ru_maxrss: the peak, activations included);
+- step ms: median over the timed steps of the slowest rank's forward + backward + optimizer step, split
+  into compute and time inside collectives (all-to-all, all-gather / reduce-scatter, all-reduce).
+Also: set-up peak for a model of P parameters built on the meta device on W = 1, 2, 4 ranks (EP W x shard W),
+to show it scales as P / W.
+Targets (issue 10): ep2_s2 peak <= 0.6 x ep2_ddp; ep2_s2 step time <= 1.3 x ep2_ddp on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL = {
+    "vocab_size": 16384,
+    "hidden_size": 512,
+    "num_layers": 6,
+    "num_heads": 8,
+    "head_dim": 64,
+    "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 1024, "num_shared_experts": 1, "routing_warmup": False},
+}
+LAYOUTS = {"ep2_ddp": (2, 1), "ep2_s2": (2, 2), "ep2_s4": (2, 4)}
+_COLLECTIVE = [0.0]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_collectives() -> None:
+    for name in ("all_to_all_single", "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+        fn = getattr(dist, name)
+
+        def wrapped(*a: Any, _fn: Any = fn, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _COLLECTIVE[0] += time.perf_counter() - t0
+
+        setattr(dist, name, wrapped)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _worker(
+    rank: int, world: int, port: int, layout: str, ep: int, shard: int, steps: int, threads: int, q: Any
+) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from moe_plugin.layers.moe import collect_aux_losses
+    from moe_plugin.models.decoder import MoEDecoderLM
+    from moe_plugin.parallel.apply import apply_expert_parallel
+    from moe_plugin.parallel.grads import exclude_from_ddp, reduce_expert_gradients
+    from moe_plugin.parallel.materialise import materialise_, meta_init_context
+    from moe_plugin.parallel.mesh import build_expert_parallel_mesh
+    from moe_plugin.parallel.sharding import apply_sharded_data_parallel
+
+    base = _rss_mb()
+    mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard)
+    if shard > 1 or layout.startswith("setup"):
+        with meta_init_context():
+            model = MoEDecoderLM(**MODEL)
+        plan = apply_expert_parallel(model, mesh)
+        if shard > 1:
+            apply_sharded_data_parallel(model, mesh)
+        materialise_(model, 0, "cpu", plan.expert_params)
+        wrapped = model
+    else:
+        torch.manual_seed(0)
+        model = MoEDecoderLM(**MODEL)
+        plan = apply_expert_parallel(model, mesh)
+        exclude_from_ddp(model, plan.expert_params)
+        wrapped = DistributedDataParallel(model)
+    total = sum(p.numel() for p in model.parameters())  # global numel of DTensors, local of EP slices
+    setup_mb = _peak_mb() - base
+    result: dict[str, Any] = {"rank": rank, "setup_mb": setup_mb, "params": total}
+    if layout.startswith("setup"):
+        q.put(result)
+        dist.destroy_process_group()
+        return
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    expert = [p for n, p in model.named_parameters() if n in plan.expert_params]
+    g = torch.Generator().manual_seed(rank)
+    times, comm = [], []
+    for step in range(steps + 1):
+        batch = torch.randint(0, MODEL["vocab_size"], (2, 129), generator=g)
+        dist.barrier()
+        _COLLECTIVE[0] = 0.0
+        t0 = time.perf_counter()
+        logits = wrapped(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + collect_aux_losses(
+            model
+        )
+        loss.backward()
+        if shard == 1:
+            reduce_expert_gradients(expert, mesh.expert_data_group, world)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if step > 0:  # the first step allocates optimizer state
+            times.append(time.perf_counter() - t0)
+            comm.append(_COLLECTIVE[0])
+    state = 0
+    for p in model.parameters():
+        state += _local(p).numel() * _local(p).element_size() * 2  # weight + gradient
+        for v in opt.state[p].values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                state += _local(v).numel() * _local(v).element_size()
+    result.update(
+        state_mb=state / 2**20,
+        peak_mb=_peak_mb() - base,
+        step_ms=[t * 1e3 for t in times],
+        comm_ms=[c * 1e3 for c in comm],
+    )
+    q.put(result)
+    dist.destroy_process_group()
+
+
+def _run(layout: str, world: int, ep: int, shard: int, steps: int, threads: int) -> list[dict[str, Any]]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(
+        _worker, args=(world, port, layout, ep, shard, steps, threads, q), nprocs=world, start_method="spawn"
+    )
+    return sorted((q.get() for _ in range(world)), key=lambda r: r["rank"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    _time_collectives()
+    rows: dict[str, Any] = {}
+    for name, (ep, shard) in LAYOUTS.items():
+        ranks = _run(name, 4, ep, shard, args.steps, args.threads)
+        steps = [max(r["step_ms"][i] for r in ranks) for i in range(args.steps)]
+        slowest = max(range(4), key=lambda i: statistics.median(ranks[i]["step_ms"]))
+        least_comm = min(statistics.median(r["comm_ms"]) for r in ranks)
+        rows[name] = {
+            "state_mb": max(r["state_mb"] for r in ranks),
+            "setup_mb": max(r["setup_mb"] for r in ranks),
+            "peak_mb": max(r["peak_mb"] for r in ranks),
+            "step_ms": statistics.median(steps),
+            "collective_ms": least_comm,
+            "slowest_rank": slowest,
+        }
+    params = _run("setup_w1", 1, 1, 1, 0, args.threads)[0]["params"]
+    setup = {}
+    for w in (1, 2, 4):
+        ranks = _run(f"setup_w{w}", w, w, w if w > 1 else 1, 0, args.threads)
+        setup[w] = max(r["setup_mb"] for r in ranks)
+    ref = rows["ep2_ddp"]
+    out = {
+        "model_parameters": params,
+        "layouts": rows,
+        "ratios_vs_ep2_ddp": {
+            k: {
+                "state": v["state_mb"] / ref["state_mb"],
+                "peak": v["peak_mb"] / ref["peak_mb"],
+                "step": v["step_ms"] / ref["step_ms"],
+            }
+            for k, v in rows.items()
+        },
+        "setup_peak_mb_by_world": setup,
+        "threads": args.threads,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"model: {params / 1e6:.1f}M parameters; 4 gloo processes, {args.threads} thread(s) each")
+    print(
+        f"{'layout':10s} {'state MB':>9s} {'setup MB':>9s} {'peak MB':>8s} {'step ms':>8s} {'in coll.':>9s}  state/peak/step vs ep2_ddp"
+    )
+    for k, v in rows.items():
+        r = out["ratios_vs_ep2_ddp"][k]
+        print(
+            f"{k:10s} {v['state_mb']:9.0f} {v['setup_mb']:9.0f} {v['peak_mb']:8.0f} {v['step_ms']:8.0f} "
+            f"{v['collective_ms']:9.0f}  {r['state']:.2f} / {r['peak']:.2f} / {r['step']:.2f}"
+        )
+    print("set-up peak (meta build + materialise, EP W x shard W):", {w: round(m) for w, m in setup.items()}, "MB")
+
+
+if __name__ == "__main__":
+    main()
