@@ -8,7 +8,8 @@ Model: the ~100M-parameter MoE of bench/checkpoint.py (MOE_100M: 8 layers, hidde
 one shared expert; shared here, not copied), EP=2 on 4 processes (2 replicas of each expert), micro-batch 2 x
 seq 128 per rank, AdamW, one thread per process (4 processes on 2 cores), DS_ACCELERATOR=cpu, gloo.
 
-Per configuration, every rank reports:
+Each configuration is `python train.py` with the model overrides, 4 processes launched by Lightning; every
+rank reports (a callback added through Hydra):
 - peak RSS (ru_maxrss) at the end, and the model's share: parameters + gradients + optimizer state held by
   this rank, counted from the tensors the engine keeps (DeepSpeed's flat fp32 partitions and their Adam
   state, or the module's parameters/grads and torch AdamW state);
@@ -78,73 +79,65 @@ def _state_bytes(strategy: Any, module: Any) -> int:
     return total
 
 
-def worker(args: argparse.Namespace) -> None:
-    import lightning.pytorch as pl
-    import torch
-    from checkpoint import MOE_100M  # bench/checkpoint.py: the ~100M MoE the benchmarks share
+class StepStats:
+    """Lightning callback (added through Hydra): per-step times, then this rank's peak RSS and state bytes."""
 
-    import moe_plugin  # noqa: F401  (registers the strategies)
-    from moe_plugin.data.datamodule import LMDataModule
-    from moe_plugin.lightning.module import MoELanguageModule
-    from moe_plugin.models.decoder import MoEDecoderLM
+    def __new__(cls, path: str, warmup: int) -> Any:
+        import lightning.pytorch as pl
 
-    torch.set_num_threads(1)
-    cfg = CONFIGS[args.config]
-    rank = int(os.environ["RANK"])
-    times: list[float] = []
+        class _StepStats(pl.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
 
-    class Timer(pl.Callback):
-        def on_train_batch_start(self, *a: Any) -> None:
-            self.t0 = time.perf_counter()
+            def on_train_batch_start(self, *a: Any) -> None:
+                self.t0 = time.perf_counter()
 
-        def on_train_batch_end(self, *a: Any) -> None:
-            times.append(time.perf_counter() - self.t0)
+            def on_train_batch_end(self, *a: Any) -> None:
+                self.times.append(time.perf_counter() - self.t0)
 
-    if cfg["strategy"] == "deepspeed_ep":
-        from moe_plugin.lightning.strategies.deepspeed_ep import DeepSpeedExpertParallelStrategy
+            def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+                result = {
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "model_state_mb": _state_bytes(trainer.strategy, pl_module) / 2**20,
+                    "step_s": self.times[warmup:],
+                }
+                Path(path, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
-        strategy: Any = DeepSpeedExpertParallelStrategy(expert_parallel_size=2, stage=cfg["stage"])
-    else:
-        from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
+        return _StepStats()
 
-        strategy = ExpertParallelStrategy(expert_parallel_size=2)
-    torch.manual_seed(0)
-    module = MoELanguageModule(MoEDecoderLM(max_seq_len=args.seq, **MOE_100M), total_steps=100, warmup_steps=1)
-    docs = [(f"d{i}", (b"def f(x):\n    return x + %d\n" % i) * 400) for i in range(64)]
-    data = LMDataModule(docs, seq_len=args.seq, batch_size=2, val_fraction=0.05)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=4, strategy=strategy, max_steps=args.warmup + args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[Timer()], gradient_clip_val=1.0,
-        default_root_dir=args.tmp,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    result = {
-        "rank": rank,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "model_state_mb": _state_bytes(trainer.strategy, module) / 2**20,
-        "step_s": times[args.warmup :],
-    }
-    Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
+
+def _model_overrides() -> list[str]:
+    """MOE_100M of bench/checkpoint.py as Hydra overrides (the benchmarks share one definition)."""
+    from checkpoint import MOE_100M
+
+    out = [f"model.{k}={v}" for k, v in MOE_100M.items() if k != "moe"]
+    return out + [f"model.moe.{k}={v}" for k, v in MOE_100M["moe"].items()]
 
 
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "bench"), env.get("PYTHONPATH", "")])
+        strategy = [f"strategy={cfg['strategy']}", "strategy.expert_parallel_size=2", "strategy.timeout_seconds=120"]
+        if "stage" in cfg:
+            strategy.append(f"strategy.stage={cfg['stage']}")
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--master_port=0",
-            str(Path(__file__).resolve()), "--worker", name, "--out", tmp, "--tmp", tmp,
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq", str(args.seq),
+            sys.executable, str(ROOT / "train.py"), *_model_overrides(), *strategy, "trainer.devices=4",
+            f"trainer.max_steps={args.warmup + args.steps}", "trainer.limit_val_batches=0", "validate_at_end=false",
+            "trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "resume=never",
+            f"data.seq_len={args.seq}", "data.batch_size=2", "data.source.max_bytes=2000000",
+            "+callbacks.stats._target_=deepspeed_ep.StepStats", f"+callbacks.stats.path={tmp}",
+            f"+callbacks.stats.warmup={args.warmup}", f"hydra.run.dir={tmp}/run",
         ]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=tmp)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(4)]
     steps = [max(r["step_s"][i] for r in ranks) for i in range(args.steps)]
     return {
         "config": name,
-        "label": CONFIGS[name]["label"],
+        "label": cfg["label"],
         "step_ms": 1000 * statistics.median(steps),
         "peak_rss_mb_max": max(r["peak_rss_mb"] for r in ranks),
         "model_state_mb_max": max(r["model_state_mb"] for r in ranks),
@@ -157,16 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--timeout", type=float, default=400)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    results = [run_config(name, args) for name in args.configs.split(",")]
+    results = []
+    for name in args.configs.split(","):
+        results.append(run_config(name, args))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

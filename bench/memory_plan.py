@@ -65,23 +65,36 @@ class Case:
     shard: int = 1
     checkpointing: str = "none"
     micro_batch: int = 4
+    precision: str = "32-true"
 
     def overrides(self) -> list[str]:
-        out = [f"data.batch_size={self.micro_batch}", f"trainer.devices={self.world}"]
+        out = [
+            f"data.batch_size={self.micro_batch}",
+            f"trainer.devices={self.world}",
+            f"trainer.precision={self.precision}",
+        ]
         if self.world > 1:
             out += ["strategy=expert_parallel", f"strategy.expert_parallel_size={self.ep}"]
             if self.shard > 1:
                 out.append(f"strategy.data_parallel_shard_size={self.shard}")
         if self.checkpointing != "none":
             out.append(f"model.activation_checkpointing={self.checkpointing}")
+        if self.checkpointing == "selective":  # the planner's selective: recompute the routed experts only
+            out.append("model.activation_checkpointing_target=experts")
         return out
 
 
 CASES = [
     Case("single", 1, 1),
     Case("single_mb8", 1, 1, micro_batch=8),
+    Case("single_bf16", 1, 1, precision="bf16-mixed"),
     Case("ddp2", 2, 1),
     Case("ep2", 2, 2),
+    # need strategy.data_parallel_shard_size and model.activation_checkpointing (the sharded strategy)
+    Case("single_full", 1, 1, checkpointing="full"),
+    Case("single_selective", 1, 1, checkpointing="selective"),
+    Case("ep2_shard2", 4, 2, shard=2),
+    Case("ep2_shard2_full", 4, 2, shard=2, checkpointing="full"),
 ]
 
 
@@ -150,10 +163,10 @@ def run_case(case: Case, out: Path, step: int, timeout: float) -> list[dict[str,
         *MODEL,
         *case.overrides(),
         f"data.seq_len={SEQ_LEN}",
-        "trainer.precision=32",
         f"trainer.max_steps={step + 1}",
         "trainer.limit_val_batches=0",
         "validate_at_end=false",
+        "sample_lines=0",  # the end-of-run samples decode bytes: this model's 4096-token vocabulary is wider
         "logger=none",
         "callbacks=none",
         "+callbacks.peak_memory._target_=bench.memory_plan.PeakMemory",
@@ -177,7 +190,7 @@ def predict(case: Case) -> dict[str, Any]:
     name, model, seq_len = build_meta_model(MODEL, SEQ_LEN)
     shape = model_shape(model, seq_len, name)
     layout = Layout(case.world, case.ep, case.shard, case.checkpointing, case.micro_batch)
-    mem = memory(shape, layout, get_precision("32-true"), foreach=False)
+    mem = memory(shape, layout, get_precision(case.precision), foreach=False)
     return {"peak": mem.peak, "phase": mem.phase, "terms": mem.terms, "params": shape.total_params}
 
 
@@ -201,7 +214,8 @@ def main() -> int:
         rows.append(
             {
                 "case": case.name,
-                "layout": f"W{case.world} EP{case.ep} shard{case.shard} ckpt={case.checkpointing} mb={case.micro_batch}",
+                "layout": f"W{case.world} EP{case.ep} shard{case.shard} ckpt={case.checkpointing} mb={case.micro_batch} "
+                f"{case.precision}",
                 "predicted_gb": pred["peak"] / 1e9,
                 "predicted_phase": pred["phase"],
                 "rss_gb": rss / 1e9,

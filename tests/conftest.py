@@ -20,6 +20,14 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _write_only_under_tmp(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh temporary working directory: a test (or the library under test) that writes
+    to a relative path writes there, never into the checkout (an `expert_load/` folder was once committed)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(autouse=True)
 def _finish_open_wandb_run():
     """A W&B run left open by one test would be reused by the next WandbLogger (writing elsewhere)."""
     yield

@@ -7,7 +7,9 @@ fast they run and what 1T tokens cost; for the others, which memory term does no
 
 Keys (key=value): model=NAME and model.*; hardware=NAME and hardware.* (catalog entry and field
 overrides, e.g. hardware.memory_gb=96); devices (required); seq_len (default model.max_seq_len);
-micro_batch, ep, shard, checkpointing (one value or a comma-separated list to consider; default all);
+micro_batch, ep, shard, checkpointing (one value or a comma-separated list to consider; default all;
+checkpointing `full` = model.activation_checkpointing=full, `selective` = the routed experts only,
+model.activation_checkpointing=selective model.activation_checkpointing_target=experts);
 precision (32-true | bf16-mixed | bf16-true, default bf16-mixed); mfu (fraction of peak while computing,
 default 0.21); usable (fraction of device memory for tensors, default 0.9); global_batch (sequences per
 optimizer step; default one micro-batch per rank); imbalance (busiest rank's routed copies / the mean,

@@ -12,7 +12,7 @@ update):
 
 Overloaded experts are pushed down, underloaded ones up. Centring (as torchtitan does) keeps the bias
 bounded and changes no selection, since top-k is invariant to a common shift. The rate is the paper's u
-(1e-3). The update is applied by the `ExpertBiasUpdate` callback (lightning/callbacks/expert_bias.py)
+(1e-3). The update is applied by the `RouterUpdates` callback (lightning/callbacks/router_updates.py)
 from `on_before_optimizer_step`; this file holds only the math.
 """
 

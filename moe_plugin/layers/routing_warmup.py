@@ -23,8 +23,8 @@ on (and in eval mode) the learned logits are returned unchanged, bit for bit. Th
 statistics' granularity open: W is required, statistics are scalars, m defaults to 0.99.
 
 Why the step is set from outside: a layer cannot tell optimizer steps from gradient-accumulation
-micro-batches or activation-checkpoint recomputation. The `RoutingWarmupStep` callback (lightning/)
-calls `set_routing_step(model, trainer.global_step)` before every batch; the step is a buffer, so it is
+micro-batches or activation-checkpoint recomputation. The `RouterUpdates` callback (lightning/callbacks/router_updates.py)
+calls `moe_start_step(model, trainer.global_step)` (MoE.start_step -> set_step) before every batch; the step is a buffer, so it is
 checkpointed and resumes correctly.
 """
 

@@ -1,5 +1,5 @@
 """Sharded, topology-independent checkpoints for expert parallelism (format owned here; see
-CHECKPOINT-CONTRACT: how files are written atomically/asynchronously is the CheckpointIO's business).
+docs/reliability.md: how files are written atomically/asynchronously is the CheckpointIO's business).
 
 Vocabulary: E global experts of a layer, L local experts of a rank, W world size, EP expert-parallel size.
 

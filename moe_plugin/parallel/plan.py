@@ -38,9 +38,9 @@ dtype, r residual dtype, RMSNorm computes in fp32):
     router       T*E*4*3 + T*K*(8+8+8)           fp32 logits, scores, softmax for z-loss; ids, probs
     routed       2*N*D*a + 4*N*F*a               expert input and output copies; gate, up, silu, h
     shared       4*T*Fs*a                        the same SwiGLU terms at width Fs
-Checkpointing: full keeps only each block's input (T*D*r) and recomputes one block at a time in backward
-(+1 forward: compute x 4/3); selective recomputes the routed experts only (drops 4*N*F*a per block, adds
-their forward FLOPs). Logits: T*V*12 bytes (fp32 log-softmax output, its gradient and the input gradient
+Checkpointing (parallel/recompute.py): full keeps only each block's input (T*D*r) and recomputes one block
+at a time in backward (+1 forward: compute x 4/3); selective recomputes the routed experts only
+(activation_checkpointing_target=experts: drops 4*N*F*a per block, adds their forward FLOPs). Logits: T*V*12 bytes (fp32 log-softmax output, its gradient and the input gradient
 live together at the start of backward).
 
 Step time for one micro-batch on every rank (no pipeline; communication from ring collectives):

@@ -102,3 +102,20 @@ def test_every_torch_load_is_weights_only() -> None:
                 if not ok:
                     offenders.append(f"{path.relative_to(PKG)}:{node.lineno}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_config_does_not_import_lightning_glue() -> None:
+    """Dependencies point one way: lightning/ (run, trainer, resume) uses config/ validation, never the reverse."""
+    offenders = [
+        f"{p.relative_to(PKG)}: {n}"
+        for p in _py_files("config")
+        for n in _imports(p)
+        if _matches(n, ("moe_plugin.lightning",))
+    ]
+    assert not offenders, offenders
+
+
+def test_errors_module_is_a_leaf() -> None:
+    """moe_plugin/errors.py is imported by every package, so it imports only the standard library."""
+    names = _imports(PKG / "errors.py")
+    assert all(not n.startswith(("moe_plugin", "torch", "lightning")) for n in names), names

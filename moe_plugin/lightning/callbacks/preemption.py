@@ -9,7 +9,9 @@ moe_plugin.parallel.consensus.all_ranks_agree), and if so all ranks save togethe
     <checkpoint folder>/preempted-step<global step>.ckpt
 
 and wait until it is on disk (the async writer is flushed). Lightning then ends fit after this step (its
-metrics logged) on every rank that received SIGTERM, as schedulers and torchrun send it to all; the exit status
+metrics logged) on every rank that received SIGTERM, as schedulers and torchrun send it to all. A SIGTERM that
+arrives during validation (Lightning stops inside the validation loop, after the step's checks) or during the
+validation after the last step is saved the same way from on_exception / on_train_end. The exit status
 becomes 143 (128 + SIGTERM, "terminated"; Lightning alone exits with 0, which wrappers read as "finished"). `resume=auto` then picks it
 up as the newest checkpoint: no step after the last periodic checkpoint is lost. SIGKILL cannot be caught:
 for that, periodic checkpoints and resume=auto are the answer.
@@ -46,6 +48,28 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not all_ranks_agree(bool(trainer.received_sigterm), pl_module.device, consensus_group(trainer)):
             return
+        self._save(trainer, "step boundary")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # SIGTERM during the validation that follows the last step: Lightning finishes fit normally (exit 0)
+        if trainer.received_sigterm and self.saved_path is None:
+            self._save(trainer, "end of training")
+            raise SIGTERMException()  # on_exception below turns it into exit status 143
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Lightning ends fit with SIGTERMException (a SystemExit with status 0) at its own check points: after a
+        training step (where on_train_batch_end above already saved) but also inside a validation loop, after the
+        step's on_train_batch_end ran. The second case is the race: with frequent validation most SIGTERMs land
+        there. The state is then that of the last finished optimizer step (validation changes no weights, and the
+        data position counts processed batches), so it is saved here."""
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self.saved_path is None:
+            self._save(trainer, "during validation" if trainer.validating or trainer.sanity_checking else "on exit")
+        # make the status say "terminated", so wrappers and schedulers do not take it for "finished"
+        exception.code = 128 + signal.SIGTERM
+
+    def _save(self, trainer: pl.Trainer, where: str) -> None:
         cb = trainer.checkpoint_callback
         folder = Path(getattr(cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / f"preempted-step{trainer.global_step:06d}.ckpt"
@@ -54,7 +78,7 @@ class PreemptionCheckpoint(pl.Callback):
         if callable(wait):
             wait()  # the process is about to end: the file must be complete first
         self.saved_path = path
-        log.warning("preemption: SIGTERM received; saved %s at step %d", path, trainer.global_step)
+        log.warning("preemption: SIGTERM received; saved %s at step %d (%s)", path, trainer.global_step, where)
         if trainer.is_global_zero:
             append_event(
                 events_path(trainer, self.events_file),
@@ -62,10 +86,5 @@ class PreemptionCheckpoint(pl.Callback):
                 "saved",
                 step=trainer.global_step,
                 checkpoint=str(path),
+                where=where,
             )
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning ends fit with SIGTERMException (a SystemExit with status 0) right after the step whose metrics
-        # it logged; make the status say "terminated" so wrappers and schedulers do not take it for "finished".
-        if isinstance(exception, SIGTERMException) and self.saved_path is not None:
-            exception.code = 128 + signal.SIGTERM

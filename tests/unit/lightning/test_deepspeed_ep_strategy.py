@@ -42,8 +42,10 @@ def test_accelerator_from_vendor_layer_and_ds_accelerator_respected() -> None:
 
 
 def test_bad_arguments_name_the_key() -> None:
-    with pytest.raises(ValueError, match=r"strategy.stage=0: deepspeed_ep runs ZeRO stages 1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"strategy.stage=0: deepspeed_ep runs ZeRO stages 1 or 2"):
         DeepSpeedExpertParallelStrategy(stage=0)
+    with pytest.raises(ValueError, match=r"strategy.stage=3: ZeRO-3 is not supported by deepspeed_ep yet"):
+        DeepSpeedExpertParallelStrategy(stage=3)
     with pytest.raises(ValueError, match=r"strategy.expert_parallel_size=0"):
         DeepSpeedExpertParallelStrategy(expert_parallel_size=0)
     with pytest.raises(ValueError, match=r"strategy.checkpoint_format='zero'"):
@@ -55,15 +57,15 @@ def test_bad_arguments_name_the_key() -> None:
 
 
 def test_config_from_json_and_yaml(tmp_path: Path) -> None:
-    cfg = {"zero_optimization": {"stage": 3, "overlap_comm": False}, "zero_allow_untested_optimizer": True}
+    cfg = {"zero_optimization": {"stage": 1, "overlap_comm": False}, "zero_allow_untested_optimizer": True}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     (tmp_path / "ds.yaml").write_text(
-        "zero_optimization:\n  stage: 3\n  overlap_comm: false\nzero_allow_untested_optimizer: true\n"
+        "zero_optimization:\n  stage: 1\n  overlap_comm: false\nzero_allow_untested_optimizer: true\n"
     )
     assert load_deepspeed_config(tmp_path / "ds.json") == load_deepspeed_config(str(tmp_path / "ds.yaml")) == cfg
     strategy = DeepSpeedExpertParallelStrategy(config=str(tmp_path / "ds.yaml"), expert_parallel_size=2)
-    assert strategy.zero_stage == 3 and strategy.expert_parallel_size == 2
-    assert DeepSpeedExpertParallelStrategy(stage=1, offload_optimizer=True).config["zero_optimization"]["stage"] == 1
+    assert strategy.zero_stage == 1 and strategy.expert_parallel_size == 2
+    assert DeepSpeedExpertParallelStrategy(stage=2, offload_optimizer=True).config["zero_optimization"]["stage"] == 2
 
 
 def _tiny() -> torch.nn.Module:

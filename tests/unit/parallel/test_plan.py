@@ -158,3 +158,41 @@ def test_errors(tiny: ModelShape) -> None:
         plan(tiny, spec, 2, BF16, 0.21, imbalance=0.5)
     assert "must divide the devices" in str(layout_error(tiny, Layout(6, 4, 1)))
     assert "experts (8)" in str(layout_error(tiny, Layout(48, 16, 1)))
+
+
+def test_ling_plus_experiment_is_the_recommended_layout() -> None:
+    """experiment=ling_plus_pretrain is the layout the planner recommends."""
+    from moe_plugin.cli.compose import compose_config
+
+    cfg = compose_config(["experiment=ling_plus_pretrain"])
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    name, model, seq_len = build_meta_model(["model=ling_plus"], cfg.data.seq_len)
+    shape = model_shape(model, seq_len, name)
+    rec = plan(
+        shape,
+        get_device(cfg.hardware.name),
+        world,
+        get_precision(cfg.trainer.precision),
+        0.21,
+        global_batch=world * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches,
+    ).recommended()
+    assert rec is not None
+    s = cfg.strategy
+    assert (rec.layout.ep, rec.layout.shard, rec.layout.replicate) == (
+        s.expert_parallel_size,
+        s.data_parallel_shard_size,
+        s.data_parallel_replicate_size,
+    )
+    assert (rec.layout.checkpointing, rec.layout.micro_batch) == (
+        cfg.model.activation_checkpointing,
+        cfg.data.batch_size,
+    )
+
+
+def test_ling_plus_experiment_validates() -> None:
+    """The sharded keys it sets exist once the FSDP2 strategy (parallel/sharding.py) is installed."""
+    pytest.importorskip("moe_plugin.parallel.sharding", reason="the sharded expert_parallel strategy is not merged yet")
+    from moe_plugin.cli.compose import compose_config
+    from moe_plugin.config.validate import validate_config
+
+    validate_config(compose_config(["experiment=ling_plus_pretrain"]))
