@@ -18,11 +18,13 @@ from omegaconf import DictConfig
 
 import moe_plugin  # noqa: F401  (registers strategies and accelerators with Lightning)
 from moe_plugin.errors import USER_ERROR_EXIT, ConfigError, UserError
+from moe_plugin.lightning.launch import export_submitit_environment
 from moe_plugin.lightning.run import discard_unstarted_run_folder, run
 
 
 @hydra.main(version_base="1.3", config_path="moe_plugin/conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    export_submitit_environment()  # a submitit LocalExecutor task: tell Lightning its rank (lightning/launch.py)
     try:
         return run(cfg)
     except UserError as err:

@@ -99,17 +99,21 @@ class LMDataModule(pl.LightningDataModule):
         train_parts: list[np.ndarray] = []
         val_parts: list[np.ndarray] = []
         test_parts: list[np.ndarray] = []
-        n_docs = test_bytes = 0
+        train_bytes: list[int] = []  # UTF-8 bytes of each training document (bits per byte of a held-out one)
+        test_nbytes: list[int] = []
+        n_docs = val_bytes = 0
         for name, data in self.source:
             ids = self.tokenizer.encode(data)
             if is_validation(name, self.val_fraction):
                 val_parts.append(ids)
+                val_bytes += len(data)
             elif self.test_fraction and is_validation(name, self.val_fraction + self.test_fraction):
                 # the next slice of the same hash range: documents in neither train nor validation
                 test_parts.append(ids)
-                test_bytes += len(data)
+                test_nbytes.append(len(data))
             else:
                 train_parts.append(ids)
+                train_bytes.append(len(data))
             n_docs += 1
         source_name = type(self.source).__name__
         if n_docs == 0:
@@ -118,9 +122,10 @@ class LMDataModule(pl.LightningDataModule):
                 "(paths, pattern) or pick another data= option."
             )
         if not train_parts and test_parts:  # tiny corpora: training comes before a test split
-            train_parts, test_parts, test_bytes = test_parts, [], 0
+            train_parts, train_bytes, test_parts, test_nbytes = test_parts, test_nbytes, [], []
         if not val_parts:  # tiny corpora: hold out the last document
             val_parts.append(train_parts.pop())
+            val_bytes += train_bytes.pop()
         if not train_parts:
             raise ConfigError(
                 f"The corpus from {source_name} has {n_docs} document(s), all held out for validation. "
@@ -139,12 +144,13 @@ class LMDataModule(pl.LightningDataModule):
             "documents": n_docs,
             "train_tokens": int(len(train_tokens)),
             "val_tokens": int(len(val_tokens)),
+            "val_bytes": int(val_bytes),
         }
         test_tokens = np.concatenate(test_parts) if test_parts else np.zeros(0, dtype=np.int32)
         if len(test_tokens) >= self.seq_len + 1:
             self.test_set = TokenWindows(test_tokens, self.seq_len)
             # bytes per token of the test split, for bits per byte (1 for the byte tokenizer)
-            self.stats.update(test_tokens=int(len(test_tokens)), test_bytes=int(test_bytes))
+            self.stats.update(test_tokens=int(len(test_tokens)), test_bytes=int(sum(test_nbytes)))
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -61,9 +61,10 @@ def run_test(
     batches = int(sum(trainer.num_test_batches))
     windows = min(len(split), batches * datamodule.batch_size * trainer.world_size)
     tokens = windows * split.seq_len
-    if held_out and stats.get("test_bytes"):
-        bytes_per_token = stats["test_bytes"] / max(1, stats["test_tokens"])
-    else:  # the byte tokenizer: one byte per token
+    prefix = "test" if held_out else "val"
+    if stats.get(f"{prefix}_bytes"):  # UTF-8 bytes per token of the split evaluated
+        bytes_per_token = stats[f"{prefix}_bytes"] / max(1, stats[f"{prefix}_tokens"])
+    else:  # a data module without byte counts: exact for the byte tokenizer only
         bytes_per_token = 1.0 if getattr(datamodule, "vocab_size", 256) == 256 else float("nan")
     metrics = {
         "test/loss": loss,

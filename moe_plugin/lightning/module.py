@@ -88,6 +88,8 @@ class MoELanguageModule(pl.LightningModule):
         config = getattr(self.model, "init_kwargs", None)
         if config is not None:
             checkpoint["model_config"] = config
+        if getattr(self.model, "hf_source", None):  # imported from a Hugging Face folder (its tokenizer, on export)
+            checkpoint["hf_source"] = self.model.hf_source
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.config.validate import validate_config
+from moe_plugin.convert.hf.load import model_tokenizer
 from moe_plugin.errors import ConfigError
 from moe_plugin.lightning.callbacks.summary import RunSummary
 from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
@@ -62,7 +63,8 @@ def run(cfg: DictConfig) -> float | None:
 
     # Everything that can fail on user input comes first (data, checkpoint to resume from), before the model,
     # the loggers and the trainer exist: a bad corpus or checkpoint path costs a second, not a model build.
-    datamodule = build(cfg.data, "data", _convert_="partial")
+    # model=from_hf brings its folder's tokenizer (convert/hf/load.py: model_tokenizer).
+    datamodule = build(cfg.data, "data", _convert_="partial", **model_tokenizer(cfg.model))
     if (cfg.get("train", True) or cfg.get("test", False)) and hasattr(datamodule, "prepare_corpus"):
         datamodule.prepare_corpus()
     ckpt_path = resolve_resume(cfg) if cfg.get("train", True) else None

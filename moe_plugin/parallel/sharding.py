@@ -132,8 +132,10 @@ def apply_sharded_data_parallel(
             mp_policy=mp,
             offload_policy=offload,
         )
-        # FSDP divides by its own group size DP; the expert rule divides the DP-sum by W (see above)
+        # FSDP divides by its own group size DP; the expert rule divides the DP-sum by W (see above). Sum, then
+        # divide: a factor other than the shard group's size would otherwise need NCCL's PREMUL_SUM (gloo has none)
         experts.set_gradient_divide_factor(float(mesh.world_size))  # type: ignore[attr-defined]
+        experts.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
     for name, block in decoder_blocks(module):
         plan.blocks.append(name)
         if not isinstance(block, FSDPModule):

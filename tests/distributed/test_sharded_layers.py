@@ -5,7 +5,7 @@ compares, step by step: the global loss, balance loss and z-loss, the parameters
 (gathered from the FSDP shards) and the Adam moments. Gradient clipping by the global norm is active
 (max_norm below the gradient norm), so the clipping coefficient is checked too.
 
-Layouts: (EP 2 x S 2) and (EP 1 x S 4) on 4 ranks (experts fully sharded over ES = S / EP), (EP 4 x S 2) on
+Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over ES = S / EP), (EP 4 x S 2) on
 4 ranks (EP does not divide S: experts replicated), (EP 1 x S 2) on 2 ranks, and (EP 2 x S 2) with
 activation checkpointing of every block.
 """
@@ -125,7 +125,7 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
 
 @pytest.mark.parametrize(
     ("world", "ep", "shard", "recompute"),
-    [(4, 2, 2, "none"), (4, 1, 4, "none"), (4, 4, 2, "none"), (2, 1, 2, "none"), (4, 2, 2, "full")],
+    [(4, 2, 2, "none"), (4, 2, 4, "none"), (4, 1, 4, "none"), (4, 4, 2, "none"), (2, 1, 2, "none"), (4, 2, 2, "full")],
 )
 def test_sharded_equals_one_process(world: int, ep: int, shard: int, recompute: str) -> None:
     """recompute=full: activation checkpointing of every block, recomputed (all-to-all included) in backward."""

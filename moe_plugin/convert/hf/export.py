@@ -75,7 +75,7 @@ def export_checkpoint(
             put(name, t)
     weight_map = writer.close()
 
-    tok = tokenizer_path or run_tokenizer(source.path)
+    tok = tokenizer_path or run_tokenizer(source.path) or (source.meta.get("hf_source") or {}).get("path")
     copied: list[str] = []
     if tok and has_tokenizer(tok):
         copied = copy_tokenizer(tok, out)

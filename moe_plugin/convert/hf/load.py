@@ -60,6 +60,7 @@ def from_pretrained(
     moe: dict[str, Any] | None = None,
     moefy: dict[str, Any] | None = None,
     dtype: str = "float32",
+    tokenizer: str | None = "auto",
     **overrides: Any,
 ) -> MoEDecoderLM:
     """MoEDecoderLM built from a local Hugging Face folder's config.json, with its weights.
@@ -67,7 +68,10 @@ def from_pretrained(
     moe:      overrides of the MoE settings (training-only ones: aux_loss_coef, capacity_factor, ...).
     moefy:    for a dense folder (llama, mistral, qwen2): arguments of moe_plugin.moefy (num_experts, top_k,
               expert_hidden_size, num_shared_experts, skip_first, ...); upcycled from the dense weights.
+    tokenizer: read by train.py, not here (see `model_tokenizer`): "auto" (the folder's, if it has one), "bytes",
+              or a tokenizer folder.
     overrides: other MoEDecoderLM arguments (those that change no weight shape, e.g. max_seq_len).
+    Built on the meta device (parameter counting), the weights are not read.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -90,14 +94,38 @@ def from_pretrained(
     cfg.update(overrides)
     if moe:
         cfg["moe"] = {**cfg["moe"], **moe}
-    state = state_dict_from_hf(folder, family, cfg)
     model = MoEDecoderLM(**cfg)
-    model.load_state_dict(state, strict=True)
+    if torch.empty(0).device.type != "meta":
+        model.load_state_dict(state_dict_from_hf(folder, family, cfg), strict=True)
     if moefy:
         model = _upcycle(model, dict(moefy))
     model.to(getattr(torch, dtype))
     model.hf_source = {"path": str(folder), "model_type": family.model_type}  # type: ignore[assignment]
     return model
+
+
+def model_tokenizer_path(model_cfg: Any) -> str | None:
+    """The tokenizer folder a model=from_hf config asks for: the model folder's own (model.tokenizer=auto, when
+    it has one) or the folder given; None for bytes or any other model."""
+    from moe_plugin.convert.hf.io import has_tokenizer
+
+    if not str(model_cfg.get("_target_", "")).endswith("hf.load.from_pretrained"):
+        return None
+    choice = model_cfg.get("tokenizer", "auto")
+    if choice in (None, "bytes"):
+        return None
+    path = str(model_cfg.get("path")) if choice == "auto" else str(choice)
+    if choice == "auto" and not has_tokenizer(Path(path).expanduser()):
+        return None
+    return path
+
+
+def model_tokenizer(model_cfg: Any) -> dict[str, Any]:
+    """{"tokenizer": HFTokenizer} for train.py's data module when cfg.model asks for one (see above), else {}."""
+    from moe_plugin.data.tokenizers import HFTokenizer
+
+    path = model_tokenizer_path(model_cfg)
+    return {"tokenizer": HFTokenizer(path)} if path else {}
 
 
 def _upcycle(model: MoEDecoderLM, moefy_kwargs: dict[str, Any]) -> MoEDecoderLM:

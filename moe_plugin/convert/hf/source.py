@@ -99,15 +99,21 @@ def _config_from_run_folder(path: Path) -> dict[str, Any] | None:
 
 
 def run_tokenizer(path: Path) -> str | None:
-    """The local HF tokenizer folder of the run the checkpoint belongs to (data.tokenizer.path), if any."""
+    """The local HF tokenizer folder of the run the checkpoint belongs to, if any: data.tokenizer.path, or the
+    Hugging Face model folder the run started from (model=from_hf, model.tokenizer=auto or a folder)."""
     from omegaconf import OmegaConf
+
+    from moe_plugin.convert.hf.load import model_tokenizer_path
 
     for parent in [path, *path.parents][:5]:
         cfg_file = parent / ".hydra" / "config.yaml"
         if cfg_file.is_file():
-            tok = OmegaConf.load(cfg_file).get("data", {}).get("tokenizer", {}) or {}
+            cfg = OmegaConf.load(cfg_file)
+            tok = cfg.get("data", {}).get("tokenizer", {}) or {}
             p = tok.get("path") if hasattr(tok, "get") else None
-            return str(p) if p else None
+            if p:
+                return str(p)
+            return model_tokenizer_path(cfg.get("model", {}) or {})
     return None
 
 
