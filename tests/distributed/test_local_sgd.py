@@ -52,11 +52,14 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _same_curve(run: Run, ref: Run, steps: range) -> None:
+def _same_curve(run: Run, ref: Run, steps: range, flip_after: int | None = None) -> None:
+    """Losses equal to ATOL step for step; from step `flip_after` + 1 on, to a relative 1e-5 (one top-k near-tie
+    flipping on float32 rounding moves a step's loss by ~5e-5 of 5.6; a wrong average moves it by >1e-3)."""
     got, want = run.curve(), ref.curve()
     assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
     for s in steps:
-        assert abs(got[s]["loss"] - want[s]["loss"]) <= ATOL, f"{run.out_dir.name} step {s}: {got[s]} vs {want[s]}"
+        tol = ATOL if flip_after is None or s <= flip_after else 1e-5 * abs(want[s]["loss"])
+        assert abs(got[s]["loss"] - want[s]["loss"]) <= tol, f"{run.out_dir.name} step {s}: {got[s]} vs {want[s]}"
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +106,9 @@ def test_islands_of_two_with_different_ep_sizes_equal_data_parallel(tmp: Path, r
             timeout=420,
         )
     )
-    _same_curve(B, reference, range(1, 11))
+    # islands with EP 2 and 1 sum expert gradients in different orders (per-expert mm kernels); measured on
+    # 2026-12-02: equal to 3e-6 over steps 1-8, then a routing near-tie flips at step 9 (4.4e-5 of 5.64)
+    _same_curve(B, reference, range(1, 11), flip_after=8)
     ck = B.checkpoint(10)
     assert sorted(p.name for p in ck.iterdir() if not p.name.endswith(".sha256")) == [
         "experts-ep000-of-002.pt",
