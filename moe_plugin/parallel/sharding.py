@@ -135,7 +135,10 @@ def apply_sharded_data_parallel(
         # FSDP divides by its own group size DP; the expert rule divides the DP-sum by W (see above). Sum, then
         # divide: a factor other than the shard group's size would otherwise need NCCL's PREMUL_SUM (gloo has none)
         experts.set_gradient_divide_factor(float(mesh.world_size))  # type: ignore[attr-defined]
-        experts.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
+        # Only when the experts' reduce-scatter group has more than one rank: with ES = 1 torch 2.13 divides the
+        # copied gradient by the factor AND post-divides it again under force-sum (W^2), and needs no PREMUL_SUM.
+        if mesh.expert_shard_size > 1:
+            experts.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
     for name, block in decoder_blocks(module):
         plan.blocks.append(name)
         if not isinstance(block, FSDPModule):
