@@ -200,8 +200,11 @@ def test_time_based_fast_island_takes_more_steps(tmp: Path) -> None:
     syncs = [e for e in read_events(T.out_dir / "events.jsonl") if e["event"] == "sync"]
     assert syncs[0]["steps"] == [2, 2]
     later = syncs[1:-1]
-    assert later and all(e["steps"][0] > e["steps"][1] for e in later), [e["steps"] for e in syncs]
-    assert max(e["steps"][0] for e in later) >= 2 * min(e["steps"][1] for e in later)
+    # in aggregate, not per round: a round's split depends on wall-clock noise (a loaded CI machine), the total on
+    # the 3x delay (expected ~3x more steps on the fast island; 1.5x leaves room for noise, 1x would be a bug)
+    assert later, [e["steps"] for e in syncs]
+    fast, slow = sum(e["steps"][0] for e in later), sum(e["steps"][1] for e in later)
+    assert fast >= 1.5 * slow, [e["steps"] for e in syncs]
     ck = sorted((T.out_dir / "checkpoints").glob("step*.ckpt"))
     assert ck and all(check_checkpoint(c).valid for c in ck), ck
     summary = json.loads((T.out_dir / "summary.json").read_text())
