@@ -41,6 +41,7 @@ from moe_plugin.parallel.checkpoint import (
     shard_file_name,
     split_checkpoint,
 )
+from moe_plugin.parallel.dcp_reader import SafeFileSystemReader
 
 
 def _model_key(name: str) -> str:
@@ -99,7 +100,7 @@ def save_dense(dense: dict[str, DTensor], folder: str | Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ load
 def read_dense_full(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP folder as a whole tensor (collective if a process group is initialised)."""
-    reader = dcp.FileSystemReader(str(folder))
+    reader = SafeFileSystemReader(str(folder))
     md = reader.read_metadata()
     out: dict[str, Any] = {}
     for key, item in md.state_dict_metadata.items():
@@ -236,7 +237,7 @@ def _set_state(state: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _load_targets(folder: str, targets: dict[str, Any]) -> None:
-    reader = dcp.FileSystemReader(folder)
+    reader = SafeFileSystemReader(folder)
     saved = set(reader.read_metadata().state_dict_metadata)
     missing = [k for k in targets if k not in saved]
     if missing:
