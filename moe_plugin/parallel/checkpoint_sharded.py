@@ -18,6 +18,7 @@ Keys in DCP: "model/<parameter name>" and "optim/<optimizer index>/<parameter na
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,20 @@ def save_dense(dense: dict[str, DTensor], folder: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def read_dense_full(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP folder as a whole tensor (collective if a process group is initialised)."""
+def read_dense_full(folder: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder whose key starts with `prefix` ("model/": parameters only, no optimizer
+    state), as a whole tensor (collective if a process group is initialised)."""
     reader = SafeFileSystemReader(str(folder))
     md = reader.read_metadata()
     out: dict[str, Any] = {}
     for key, item in md.state_dict_metadata.items():
-        if hasattr(item, "size"):  # TensorStorageMetadata (BytesStorageMetadata has no size)
+        if key.startswith(prefix) and hasattr(item, "size"):  # TensorStorageMetadata (bytes items have no size)
             out[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(out, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        # without a process group DCP warns that it "assumes the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(out, storage_reader=reader, no_dist=no_dist)
     return out
 
 
