@@ -11,9 +11,11 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.errors import ConfigError, UserError
+from moe_plugin.lightning.callbacks.progress import default_progress_bar
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -99,6 +101,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     kwargs.update(resolve_accelerator(cfg, kwargs, resolve_strategy(cfg)))
     extra = kwargs.pop("plugins", None) or []
     plugins = [*resolve_plugins(cfg), *(extra if isinstance(extra, (list, tuple)) else [extra])]
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks = [*callbacks, default_progress_bar()]  # no "Epoch 0/-2" and no "v_num" (callbacks/progress.py)
     return pl.Trainer(
         callbacks=callbacks,
         logger=loggers if loggers else False,
