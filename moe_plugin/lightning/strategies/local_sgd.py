@@ -52,6 +52,7 @@ from moe_plugin.lightning.callbacks.spike_detector import EWMAZScore
 from moe_plugin.lightning.events import append_event, events_path
 from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
 from moe_plugin.lightning.strategies.local_sgd_checkpoint import IslandCheckpoints
+from moe_plugin.parallel.consensus import barrier, broadcast_flag, broadcast_object
 from moe_plugin.parallel.islands import (
     IslandMesh,
     build_island_mesh,
@@ -285,23 +286,21 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
     def _island_sigterm(self, trainer: pl.Trainer) -> None:
         """Lightning's per-batch SIGTERM agreement (training_epoch_loop._broadcast_sigterm_tensor), in the island."""
         assert self.mesh is not None
-        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0], device=self.root_device)
+        flag = bool(getattr(trainer, "received_sigterm", False))
         if self.mesh.world_size > 1:
-            dist.broadcast(flag, src=self.mesh.global_ranks[0], group=self.mesh.island_group)
-        if flag.item() == 1:
+            flag = broadcast_flag(flag, self.mesh.global_ranks[0], self.root_device, self.mesh.island_group)
+        if flag:
             raise SIGTERMException()
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if self.mesh is None or not dist.is_initialized():
             return super().barrier(*args, **kwargs)
-        dist.barrier(group=self.mesh.island_group)
+        barrier(self.mesh.island_group)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if self.mesh is None or not dist.is_initialized():
             return super().broadcast(obj, src)
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.mesh.global_ranks[src], group=self.mesh.island_group)
-        return box[0]
+        return broadcast_object(obj, self.mesh.global_ranks[src], self.mesh.island_group)
 
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         return super().reduce(tensor, group=group if group is not None else self.consensus_group, reduce_op=reduce_op)
