@@ -82,29 +82,3 @@ def min_over_ranks(
     t_V = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     dist.all_reduce(t_V, op=dist.ReduceOp.MIN, group=group)
     return [int(v) for v in t_V.tolist()]
-
-
-def broadcast_flag(
-    flag: bool, src: int, device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None
-) -> bool:
-    """Global rank `src`'s `flag` on every rank of `group` (one broadcast of one integer)."""
-    if not _distributed(group):
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(t, src=src, group=group)
-    return bool(t.item())
-
-
-def broadcast_object(obj: object, src: int, group: dist.ProcessGroup | None = None) -> object:
-    """Global rank `src`'s picklable `obj` on every rank of `group` (trusted peers only: it unpickles)."""
-    if not _distributed(group):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def barrier(group: dist.ProcessGroup | None = None) -> None:
-    """Wait until every rank of `group` arrives (no-op in one process)."""
-    if _distributed(group):
-        dist.barrier(group=group)
