@@ -9,9 +9,9 @@ V vocabulary, N = T * K * imbalance routed copies computed by one rank's experts
 Where each parameter lives (docs/parallelism.md, SCALE-NOTES):
     dense (attention, norms, routers, shared experts, embedding, head): 1/S of it per rank, or all of it
         when S = 1 (today's DDP layout, replicated on every rank);
-    routed experts: E/EP experts per rank, fully sharded over ES = S/EP of their expert-data-parallel
-        ranks when EP divides S > 1 (EP carved out of the shard axis, torchtitan's "efsdp"), replicated
-        over the others (parallel/mesh.py); replicated over all W/EP when S = 1 or EP does not divide S.
+    routed experts: E/EP experts per rank, fully sharded over ES = EDP = W/EP expert-data-parallel ranks
+        when S > 1 (ER = 1), replicated over all W/EP when S = 1 (the rule of parallel/mesh.py's
+        expert_shard_size, which this model calls).
 
 Bytes per local parameter (precision):                    32-true  bf16-mixed  bf16-true
     parameters (fp32 master or the weights themselves)     4        4           2
@@ -47,8 +47,9 @@ Step time for one micro-batch on every rank (no pipeline; communication from rin
     compute   = FLOPs/token * T * recompute / (peak * mfu)
     all2all   = 4 * MoE layers * N*D*a * (EP-1)/EP / bw(EP)            (dispatch + combine, fwd + bwd;
                                                                         on the critical path)
-    fsdp      = (2*cb + rb) * P_unit * (g-1)/g / bw(g) for the dense (g=S) and expert (g=efsdp) units
-    allreduce = 2 * rb * P_local * (g-1)/g / bw(g) over replicas, once per optimizer step
+    fsdp      = (2*cb + rb) * P_unit * (g-1)/g / bw(span) for the dense (g=S, span S) and expert (g=ES,
+                span ES*EP: an expert shard group strides over the expert groups) units
+    allreduce = 2 * rb * P_local * (g-1)/g / bw(g) over replicas (R dense, ER experts), once per step
     time      = max(compute, fsdp + allreduce / accumulation) + all2all
 FSDP and DDP traffic overlap compute (prefetch, bucketing); the token all-to-all does not. A group
 stays on the fast intra-node links when its ranks span at most one node (EP innermost, then shard,
@@ -71,6 +72,7 @@ from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.models.inspect import count_parameters, flops_per_token
+from moe_plugin.parallel.mesh import expert_shard_size
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -218,9 +220,8 @@ class Layout:
 
     @property
     def expert_shard(self) -> int:
-        """ES: ranks each local expert block is split over, as parallel/mesh.py lays them out: S / EP when EP
-        divides S (EP carved out of the shard axis, torchtitan's efsdp), else 1 (experts replicated)."""
-        return self.shard // self.ep if self.shard > 1 and self.shard % self.ep == 0 else 1
+        """ES: ranks each local expert block is split over (parallel/mesh.py's rule, not a copy of it)."""
+        return expert_shard_size(self.world, self.ep, self.shard)
 
     @property
     def sharded(self) -> bool:
@@ -414,10 +415,15 @@ def step_time(
         fsdp += per_pass * shape.dense_params * (g - 1) / g / net.bandwidth(g)
         ge = L.expert_shard
         if ge > 1:
-            fsdp += per_pass * (shape.expert_params / L.ep) * (ge - 1) / ge / net.bandwidth(L.shard)
+            span = ge * L.ep  # rank = es * EP + ep: the group strides over the expert groups
+            fsdp += per_pass * (shape.expert_params / L.ep) * (ge - 1) / ge / net.bandwidth(span)
+        er = L.edp // ge
         if L.replicate > 1:
-            local = shape.dense_params / L.shard + shape.expert_params / L.ep / ge
+            local = shape.dense_params / L.shard
             allreduce = 2 * p.reduce * local * (L.replicate - 1) / L.replicate / net.bandwidth(L.world)
+        if er > 1:
+            local = shape.expert_params / L.ep / ge
+            allreduce += 2 * p.reduce * local * (er - 1) / er / net.bandwidth(L.world)
     else:
         w, edp = L.world, L.edp
         if w > 1:

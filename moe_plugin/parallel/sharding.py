@@ -119,7 +119,8 @@ def apply_sharded_data_parallel(
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=False) if offload_optimizer else OffloadPolicy()
     names = {id(m): n for n, m in module.named_modules()}
     expert_mesh = mesh.expert_fsdp_mesh()
-    for layer in moe_layers(module):
+    layers = moe_layers(module)
+    for j, layer in enumerate(layers):
         experts = layer.experts
         plan.expert_modules.append(names[id(experts)])
         if isinstance(experts, FSDPModule):
@@ -127,7 +128,7 @@ def apply_sharded_data_parallel(
         fully_shard(
             experts,
             mesh=expert_mesh,
-            reshard_after_forward=reshard_after_forward,
+            reshard_after_forward=reshard_after_forward and j < len(layers) - 1,
             shard_placement_fn=_expert_placement(mesh.expert_shard_size),  # type: ignore[arg-type]
             mp_policy=mp,
             offload_policy=offload,
@@ -139,13 +140,16 @@ def apply_sharded_data_parallel(
         # copied gradient by the factor AND post-divides it again under force-sum (W^2), and needs no PREMUL_SUM.
         if mesh.expert_shard_size > 1:
             experts.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
-    for name, block in decoder_blocks(module):
+    blocks = decoder_blocks(module)
+    for i, (name, block) in enumerate(blocks):
         plan.blocks.append(name)
         if not isinstance(block, FSDPModule):
             fully_shard(
                 block,
                 mesh=mesh.dense_mesh,
-                reshard_after_forward=reshard_after_forward,
+                # the last block is the first one backward needs: resharding it after forward would only add
+                # an all-gather (torchtitan keeps it unsharded too); its experts likewise
+                reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
                 mp_policy=mp,
                 offload_policy=offload,
             )

@@ -5,9 +5,9 @@ compares, step by step: the global loss, balance loss and z-loss, the parameters
 (gathered from the FSDP shards) and the Adam moments. Gradient clipping by the global norm is active
 (max_norm below the gradient norm), so the clipping coefficient is checked too.
 
-Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over ES = S / EP), (EP 4 x S 2) on
-4 ranks (EP does not divide S: experts replicated), (EP 1 x S 2) on 2 ranks, and (EP 2 x S 2) with
-activation checkpointing of every block.
+Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over their ES = W / EP
+expert-data-parallel ranks), (EP 4 x S 2) on 4 ranks (EP = W: one copy of each expert, ES = 1), (EP 1 x S 2)
+on 2 ranks, and (EP 2 x S 2) with activation checkpointing of every block.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
     # the dense part is really sharded: this rank holds about 1/S of each block's dense parameters
     block_attn = model.layers[0].attention.q_proj.weight
     assert block_attn.to_local().numel() * shard == block_attn.numel()
+    # experts are fully sharded over all their expert-data-parallel ranks (ER = 1)
+    assert mesh.expert_shard_size == world // ep and mesh.expert_replicate_size == 1
+    w_up = model.layers[1].ffn.experts.w_up_EDF
+    assert w_up.to_local().numel() * (world // ep) == w_up.numel()
 
     for step in range(STEPS):
         torch.manual_seed(100 + step)
