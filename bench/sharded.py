@@ -56,6 +56,7 @@ LAYOUTS: dict[str, tuple[int, int, dict[str, Any]]] = {
 # levers measured with --variants (docs/performance.md)
 VARIANTS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "ep2_s2_keep": (2, 2, {"reshard_after_forward": False}),  # no all-gather in backward, whole blocks kept
+    "ep2_s2_native": (2, 2, {"comms": "native"}),  # gloo's own all-gather / reduce-scatter (fsdp_comms.py)
 }
 _COLLECTIVE = [0.0]
 
@@ -149,6 +150,7 @@ def _worker(
     options: dict[str, Any] | None = None,
 ) -> None:
     torch.set_num_threads(threads)
+    _time_collectives()  # in this (spawned) process: the parent's patch does not carry over
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -267,8 +269,16 @@ def main() -> None:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {[*LAYOUTS, *VARIANTS]}")
     parser.add_argument("--profile", action="store_true", help="torch.profiler on every rank: where the time goes")
     parser.add_argument("--no-setup", action="store_true", help="skip the set-up scaling runs")
+    parser.add_argument(
+        "--malloc",
+        choices=("pinned", "default"),
+        default="pinned",
+        help="pinned: MALLOC_MMAP_THRESHOLD_=128 KiB, every tensor its own mapping returned when freed, so resident "
+        "memory follows live tensors (as bench/memory_plan.py); default: glibc's adaptive threshold (heap slack)",
+    )
     args = parser.parse_args()
-    _time_collectives()
+    if args.malloc == "pinned":  # read by glibc at process start: the spawned workers inherit it
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     rows: dict[str, Any] = {}
     chosen = {n: {**LAYOUTS, **VARIANTS}[n] for n in args.layouts.split(",")}
     for name, (ep, shard, options) in chosen.items():
@@ -307,11 +317,14 @@ def main() -> None:
         },
         "setup_peak_mb_by_world": setup,
         "threads": args.threads,
+        "malloc": args.malloc,
     }
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"model: {params / 1e6:.1f}M parameters; 4 gloo processes, {args.threads} thread(s) each")
+    print(
+        f"model: {params / 1e6:.1f}M parameters; 4 gloo processes, {args.threads} thread(s) each, malloc {args.malloc}"
+    )
     print(
         f"{'layout':10s} {'state MB':>9s} {'setup MB':>9s} {'peak MB':>8s} {'step ms':>8s} {'in coll.':>9s}  state/peak/step vs ep2_ddp"
     )

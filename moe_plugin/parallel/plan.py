@@ -22,12 +22,16 @@ Bytes per local parameter (precision):                    32-true  bf16-mixed  b
 
 Peak per rank = persistent + the largest of three phases, with
     persistent      = parameters + optimizer + DDP buckets (+ gradients when micro-batches accumulate)
-    forward end     = saved activations + logits + compute copies + FSDP gather buffers + all-to-all
+    forward end     = saved activations + logits + compute copies + all-to-all
                       + the previous step's gradients (Lightning zeroes them after training_step)
     backward start  = saved activations + logits working set + backward workspace + compute copies
-                      + FSDP gather buffers (two units unsharded: current + prefetched, and one unit's
-                      unsharded gradient) + all-to-all buffers + the LM head's gradient (produced first)
+                      + all-to-all buffers + the LM head's gradient (produced first)
+    backward blocks = (S > 1) saved activations + compute copies + FSDP gather buffers (the prefetched unit
+                      and one unit's unsharded gradient) + backward workspace + all-to-all
     optimizer step  = gradients + AdamW's temporary sqrt(v) (all parameters with foreach, else one tensor).
+With S > 1 the compute copies are the head and the last block (with its experts), whole from the end of the
+forward to the start of the backward (parallel/sharding.py does not reshard them); a unit is one block's
+dense parameters plus its E/EP experts, unsharded.
 Backward trades saved activations for gradients about layer by layer, so its peak is at one end.
 
 Saved activations per block (what autograd keeps between forward and backward, bytes; a activation
@@ -315,11 +319,13 @@ def memory(
     if L.sharded:
         unit = shape.block_dense_params + shape.block_expert_params / L.ep
         extra_reduce = p.reduce if p.reduce != p.compute else 0
-        # root (embedding, norm, head) stays unsharded through forward and backward (FSDP2 keeps the root
-        # gathered); per block: the current and the prefetched unit, and one unit's unsharded gradient
-        # (plus its fp32 copy for the reduce-scatter); the root's own gradient is `head_gradient`
-        t["compute_copies"] = (shape.root_params + 2 * unit) * p.compute
-        t["gather_buffers"] = unit * (p.compute + extra_reduce)
+        # whole at the end of the forward and the start of the backward (sharding.py): the head (its own unit,
+        # not resharded after forward; the embedding is) and the last block with its experts (not resharded
+        # either); while backward goes through the blocks: one more unit (the prefetched one) and one unit's
+        # unsharded gradient (plus its copy in the reduce dtype when that differs). The head's gradient is
+        # `head_gradient`. Untied embedding and head assumed (tied ones stay in the root, whole all step).
+        t["compute_copies"] = (shape.head_params + unit) * p.compute
+        t["gather_buffers"] = unit * (2 * p.compute + extra_reduce)
     else:
         t["compute_copies"] = (local - (V * D if V else 0)) * 2 if autocast else 0.0
         t["gather_buffers"] = 0.0
@@ -361,7 +367,7 @@ def memory(
     accumulating = accumulation > 1
     persistent = t["parameters"] + t["optimizer"] + t["ddp_buckets"] + (t["gradients"] if accumulating else 0)
     grads = 0.0 if accumulating else t["gradients"]
-    common = t["activations"] + t["compute_copies"] + t["gather_buffers"] + t["all_to_all"]
+    common = t["activations"] + t["compute_copies"] + t["all_to_all"]
     phases = {
         # Lightning's closure zeroes gradients after training_step, before backward: the previous step's
         # gradients are still allocated at the end of the forward
@@ -369,6 +375,10 @@ def memory(
         "backward start": common + t["logits"] + t["backward_workspace"] + t["head_gradient"],
         "optimizer step": grads + t["optimizer_step_temp"],
     }
+    if L.sharded:  # the logits' working set is gone once the head's backward is done; FSDP's buffers come
+        phases["backward blocks"] = common + t["gather_buffers"] + t["backward_workspace"]
+    else:
+        phases["backward start"] += t["gather_buffers"]
     t.update({f"activations.{k}": v for k, v in blocks.items()})
     return MemoryEstimate(t, persistent, phases)
 
