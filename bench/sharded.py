@@ -6,15 +6,20 @@
 
 Layouts (all on 4 processes, the same global batch):
 - ep2_ddp: EP 2, dense part replicated (DDP), the model built whole on every rank then sliced (S = 1);
-- ep2_s2:  EP 2 x shard 2: dense part sharded over 2, replicated over 2; experts replicated over their 2
-           DP ranks (ES = S / EP = 1); built on the meta device;
-- ep2_s4:  EP 2 x shard 4: dense part sharded over 4; experts fully sharded over their 2 DP ranks (ES 2).
+- ep2_s2:  EP 2 x shard 2: dense part sharded over 2, replicated over 2; experts fully sharded over their 2
+           expert-data-parallel ranks (ES = W / EP = 2); built on the meta device;
+- ep2_s4:  EP 2 x shard 4: dense part sharded over 4; experts fully sharded over their 2 DP ranks (ES 2);
+- variants (--layouts): ep2_s2_keep (no resharding after forward), ep2_s2_native (gloo's own all-gather and
+  reduce-scatter instead of parallel/fsdp_comms.py's all_reduce form).
+--profile adds torch.profiler's view of the slowest rank: ms per step inside FSDP2's hooks (all-gather copy-in,
+waits, copy-out, reduce-scatter), inside c10d calls, and the top operators by self time and allocated bytes.
 Per layout, the largest rank's:
 - state MB: bytes of this rank's parameters + gradients + AdamW moments (exact, from the tensors);
 - setup MB / peak MB: resident-set growth over the process's baseline (after imports and process-group
   start) at the end of set-up, and at the end of the run (ru_maxrss: the peak, activations included);
-- step ms: median over the timed steps of the slowest rank's forward + backward + optimizer step, split
-  into compute and time inside collectives (all-to-all, all-gather / reduce-scatter, all-reduce).
+- step ms: median over the timed steps of the slowest rank's forward + backward + optimizer step, and the
+  time inside collectives the timer sees (synchronous calls and async launches, not FSDP's waits nor DDP's
+  C++ bucket all-reduce: use --profile for FSDP's share).
 Also: set-up peak for a model of P parameters built on the meta device on W = 1, 2, 4 ranks (EP W x shard W),
 to show it scales as P / W.
 Targets (issue 10): ep2_s2 peak <= 0.6 x ep2_ddp; ep2_s2 step time <= 1.3 x ep2_ddp on CPU.
