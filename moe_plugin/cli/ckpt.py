@@ -92,6 +92,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0 if info.get("valid") is not False else 1
     print(f"checkpoint      {info['path']}  ({info['kind']})")
     print(f"step / epoch    {info['global_step']} / {info['epoch']}   data position {info['data_position']}")
+    if info.get("corpus"):
+        c = info["corpus"]
+        print(f"corpus          {c.get('documents')} documents, {c.get('bytes'):,} bytes, split by {c.get('split')}")
     print(f"dense           {info['dense_tensors']} tensors, {info['dense_parameters']:,} values")
     print(f"optimizers      {info['optimizers']}   lr schedulers {info['lr_schedulers']}")
     if info["kind"] == "sharded":

@@ -444,10 +444,13 @@ def describe(path: str | os.PathLike[str], load_file: Callable[[str], dict[str, 
         "dense_parameters": int(sum(t.numel() for t in sd.values() if torch.is_tensor(t))),
         "optimizers": len(meta.get("optimizer_states", []) or []),
         "lr_schedulers": len(meta.get("lr_schedulers", []) or []),
-        "data_position": next(
-            (v for k, v in meta.items() if isinstance(v, dict) and set(v) == {"epoch", "samples"}), None
-        ),
+        "data_position": None,
+        "corpus": None,
     }
+    data_state = next((v for v in meta.values() if isinstance(v, dict) and {"epoch", "samples"} <= set(v)), None)
+    if data_state is not None:  # the data module's state: position, and the corpus fingerprint (data/datamodule.py)
+        info["data_position"] = {"epoch": data_state["epoch"], "samples": data_state["samples"]}
+        info["corpus"] = data_state.get("corpus")
     if layout is not None:
         info.update(
             {
