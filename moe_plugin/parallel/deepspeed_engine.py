@@ -11,6 +11,15 @@ parameter attributes and group names, not by those classes:
                expert counted once.
     ZeRO-3     parameters with ds_zero_placement_family = "autoep_expert" are partitioned over the
                expert-data group and their gradients averaged by W (stage3._gradient_averaging_world_size).
+               Every MoE layer is a ZeRO-3 "leaf" (deepspeed.utils.set_z3_leaf_module): its router, experts
+               and shared experts are gathered together when the layer's forward (and, through its output,
+               its backward) starts, and released when it ends. Without this ZeRO-3 cannot train our layers:
+               ZeRO-3 re-gathers a module's parameters for backward through hooks on the module's OUTPUT
+               tensors, found by walking tuples/lists/dicts, and the router returns a RouterOutput dataclass
+               it cannot walk ("A module has unknown inputs or outputs type"), so the router weight stayed
+               partitioned (shape [0]) in backward and AccumulateGrad failed ("size of tensor a (0) must match
+               the size of tensor b (D)"). DeepSpeed recommends leaf modules for MoE blocks anyway (their
+               expert order changes every step, which defeats ZeRO-3's trace-based prefetch).
 
 So `ExpertParallelEngine` is DeepSpeedEngine with `has_moe_layers` switched on for our layers and the
 ZeRO-3 check that insists on DeepSpeed's AutoEP layer classes relaxed to "every expert parameter carries
@@ -71,6 +80,16 @@ def _engine_class() -> type:
     return ExpertParallelEngine
 
 
+def mark_moe_layers_as_zero3_leaves(model: nn.Module) -> int:
+    """Flag every moe_plugin MoE layer as a ZeRO-3 leaf module (see the module docstring); returns how many."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    layers = moe_layers(model)
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    return len(layers)
+
+
 _ENGINE: type | None = None
 
 
@@ -96,6 +115,8 @@ def initialize_expert_parallel_engine(
 
     zero.partition_parameters.shutdown_init_context()
     config_class = DeepSpeedConfig(config, None)
+    if config_class.zero_optimization_stage == 3:
+        mark_moe_layers_as_zero3_leaves(model)
     set_optimizer_flags(config_class, model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     engine = expert_parallel_engine_class()(

@@ -142,10 +142,17 @@ def set_optimizer_state(
             assert group["params"][0] is flat
         optimizer._hp_optimizer_states_linked = True
         return
-    # ZeRO-3: the optimizer created its state at construction; write each parameter's partition of it
+    # ZeRO-3: one flat fp32 partition per sub-group (optimizer.fp32_partitioned_groups_flat); the base optimizer
+    # creates its state for them lazily at its first step (DeepSpeed 0.19), so create the flat state tensors
+    # first, then write each parameter's partition of them (safe_set_full_optimizer_state)
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        st = base.state[flat]
+        for k in keys:
+            if k not in st:
+                st[k] = torch.zeros_like(flat)
     for name, p in params.items():
         for k in keys:
             safe_set_full_optimizer_state(p, states[name][k].to(torch.float32).to(p.device), k)
     if step is not None:
         for st in base.state.values():
-            st["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(st.get("step")) else step
+            st["step"] = torch.tensor(step, dtype=torch.float32)

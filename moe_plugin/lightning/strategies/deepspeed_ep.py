@@ -6,7 +6,7 @@
     python train.py strategy=deepspeed_ep strategy.config=ds_config.json   # a DeepSpeed JSON or YAML config
 
 Built on Lightning's DeepSpeedStrategy and DeepSpeed's own engine (ZeRO 1/2/3, offload, precision,
-clipping, accumulation are DeepSpeed's; ZeRO-3 is refused for now, see __init__). What it changes, in the order Lightning calls it:
+clipping, accumulation are DeepSpeed's). What it changes, in the order Lightning calls it:
 
 - __init__: DeepSpeed picks its accelerator when it is imported, so our vendor layer sets DS_ACCELERATOR
   first (accelerators/deepspeed_accelerator.py; a DS_ACCELERATOR the user set is respected and checked).
@@ -111,7 +111,7 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         """
         Args:
             expert_parallel_size: EP, ranks each layer's experts are split over (same meaning as expert_parallel).
-            stage: ZeRO stage 1 (optimizer state partitioned) or 2 (+ gradients); 3 is refused (see __init__).
+            stage: ZeRO stage 1 (optimizer state partitioned), 2 (+ gradients) or 3 (+ parameters).
             offload_optimizer: keep optimizer state and its step on the CPU (DeepSpeed ZeRO-Offload).
             config: a DeepSpeed config (dict, JSON or YAML path); replaces stage/offload_optimizer and the
                 other DeepSpeed arguments, as in Lightning's DeepSpeedStrategy.
@@ -133,18 +133,9 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         loaded = load_deepspeed_config(config)
         zero_stage = stage if loaded is None else (loaded.get("zero_optimization") or {}).get("stage", 0)
         where = "strategy.stage" if loaded is None else "zero_optimization.stage of strategy.config"
-        if zero_stage == 3:
-            # The engine marks experts with DeepSpeed's ZeRO-3 expert placement (parallel/deepspeed_engine.py),
-            # but with DeepSpeed 0.19.8 on torch 2.13 the first backward of moe_plugin's decoder fails under
-            # ZeRO-3 in AccumulateGrad on a partitioned parameter, with and without expert parallelism.
+        if zero_stage not in (1, 2, 3):
             raise ValueError(
-                f"{where}=3: ZeRO-3 is not supported by deepspeed_ep yet (DeepSpeed 0.19.8's ZeRO-3 fails in the "
-                "first backward of moe_plugin models). Use strategy.stage=1 or 2 (optimizer state / gradients "
-                "partitioned), or strategy=expert_parallel with strategy.data_parallel_shard_size for sharded weights."
-            )
-        if zero_stage not in (1, 2):
-            raise ValueError(
-                f"{where}={zero_stage}: deepspeed_ep runs ZeRO stages 1 or 2. For no ZeRO use "
+                f"{where}={zero_stage}: deepspeed_ep runs ZeRO stages 1, 2 or 3. For no ZeRO use "
                 "strategy=expert_parallel (plain data parallel for the dense part)."
             )
         _preselect_deepspeed_accelerator()
