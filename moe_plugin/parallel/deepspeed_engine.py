@@ -90,6 +90,40 @@ def mark_moe_layers_as_zero3_leaves(model: nn.Module) -> int:
     return len(layers)
 
 
+def skip_next_step(optimizer: Any) -> None:
+    """Make the ZeRO optimizer's next step() take DeepSpeed's own overflow path: no update, the reduced
+    gradients cleared, the optimizer's step count unchanged, engine.skipped_steps + 1.
+
+    That path is what DeepSpeed runs when fp16 gradients overflow; here it is entered on request (a loss-spike
+    guard rejected the update), so a skipped step leaves weights and Adam state exactly as a plain torch
+    optimizer does when every `.grad` is None (the guard's skip under expert_parallel). One-shot: the patched
+    check restores itself when the step consults it.
+      ZeRO-1/2  step() asks has_overflow() when check_grad_overflow is set: both are set for one call.
+      ZeRO-3    step() asks _overflow_check_and_loss_scale_update() (fp16 only checks): it reports overflow once
+                and runs DeepSpeed's clean-up (_loss_scale_update_and_overflow_cleanup).
+    """
+    if hasattr(optimizer, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+
+        def overflow_once(update_scale: bool = True) -> bool:
+            del optimizer._overflow_check_and_loss_scale_update  # back to the class's method
+            optimizer.overflow = True
+            return optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+        optimizer._overflow_check_and_loss_scale_update = overflow_once
+        return
+    if not hasattr(optimizer, "has_overflow"):
+        raise RuntimeError(f"cannot skip a step of {type(optimizer).__name__}: not a DeepSpeed ZeRO optimizer.")
+    had_check = optimizer.check_grad_overflow
+
+    def has_overflow_once(*args: Any, **kwargs: Any) -> bool:
+        del optimizer.has_overflow
+        optimizer.check_grad_overflow = had_check
+        return True
+
+    optimizer.check_grad_overflow = True
+    optimizer.has_overflow = has_overflow_once
+
+
 _ENGINE: type | None = None
 
 

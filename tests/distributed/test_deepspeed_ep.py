@@ -9,12 +9,18 @@ checkpoints at steps 10 and 20.
 - moving runs: Z2@10 -> expert_parallel EP=1 (1 process); R@10 (plain) -> deepspeed_ep ZeRO-2 EP=2 (2 processes).
 - Z3: ZeRO-3, EP=2 on 2 processes (parameters partitioned too; MoE layers are ZeRO-3 leaf modules): same losses,
       weights and Adam state as R; R@10 resumes in ZeRO-3 EP=2 with R's steps 11..20 (ZeRO-3 restore by name).
+- converter: Z2@10 (layout-free) -> DeepSpeed directory (written by DeepSpeed's engine) -> resumed by DeepSpeed's
+      own loader with R's steps 11..20, and converted back bit for bit.
+- reliability: SIGTERM at step 7 -> exit 143 with a valid preemption checkpoint at step 8, and the same command
+      again resumes it (resume=auto) with R's curve; a loss spike rejected by the guard is skipped through
+      DeepSpeed's overflow path, so the run (retry included) equals one plain process with the same spike.
 - gradient accumulation (2 micro-batches per step) equals one process.
 The first DeepSpeed start compiles a small op (~20 s); TORCH_EXTENSIONS_DIR is fixed so later runs reuse it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +30,7 @@ import torch
 from train_runs import STEPS, Run, train
 
 from moe_plugin.cli.main import main as cli
+from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid
 
 # one build of DeepSpeed's op per machine/CI run, shared by every process the tests start
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "moe_plugin_torch_extensions"))
@@ -122,6 +129,31 @@ def test_zero1_on_4_processes_deepspeed_checkpoints_convert(runs: dict) -> None:
     _same_curve(D, R, range(11, STEPS + 1))
 
 
+def test_layout_free_to_deepspeed_directory_and_back(runs: dict) -> None:
+    """A layout-free checkpoint (Z2@10: the sharded format expert_parallel writes) -> `ckpt convert --world-size 2
+    --expert-parallel-size 2 --stage 2` (DeepSpeed's engine writes the directory) -> resumed by DeepSpeed's own
+    loader (same layout) with R's steps 11..20; and the directory converts back to the same tensors, bit for bit."""
+    tmp, R, Z2 = runs["tmp"], runs["R"], runs["Z2"]
+    ds_dir = tmp / "Z2_10_deepspeed"
+    layout = ["--world-size", "2", "--expert-parallel-size", "2", "--stage", "2"]
+    assert cli(["ckpt", "convert", str(Z2.checkpoint(10)), str(ds_dir), *layout]) == 0
+    assert (ds_dir / "latest").is_file() and len(list((ds_dir / "checkpoint").glob("*optim_states.pt"))) == 2
+    source, back = tmp / "Z2_10.ckpt", tmp / "Z2_10_back.ckpt"
+    assert cli(["ckpt", "consolidate", str(Z2.checkpoint(10)), str(source)]) == 0
+    assert cli(["ckpt", "convert", str(ds_dir), str(back)]) == 0
+    want, got = torch.load(source, weights_only=False), torch.load(back, weights_only=False)
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][k], v), k
+    assert got["optimizer_states"][0]["param_groups"] == want["optimizer_states"][0]["param_groups"]
+    for i, st in want["optimizer_states"][0]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(got["optimizer_states"][0]["state"][i][k]), torch.as_tensor(v)), (i, k)
+    assert got["lr_schedulers"] == want["lr_schedulers"] and got["global_step"] == want["global_step"] == 10
+    E = _ok(train(tmp, "Z2_10_deepspeed_to_Z2", 2, None, ckpt=ds_dir, strategy=ds(2, 2)))
+    _same_curve(E, R, range(11, STEPS + 1))
+
+
 def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     """2 micro-batches per step: DeepSpeed accumulates and scales (1/2), experts reduced once per step."""
     tmp = runs["tmp"]
@@ -130,5 +162,46 @@ def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     z = _ok(train(tmp, "acc_z2", 2, None, extra=acc, batch_size=2, strategy=ds(2, 2)))
     want, got = ref.rows(), z.rows()
     assert len(want) == len(got) == 12
+    for w, g in zip(want, got):
+        assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (w, g)
+
+
+FAULTS = "callbacks=[default,fault_injection]"
+
+
+def test_preemption_exits_143_and_resume_auto_continues(runs: dict) -> None:
+    tmp, R = runs["tmp"], runs["R"]
+    sigterm = (FAULTS, "+callbacks.fault_injection.faults=[{kind: sigterm, step: 7}]")
+    first = train(tmp, "Z2_preempted", 2, None, extra=sigterm, strategy=ds(2, 2))
+    assert first.returncode == 143, first.output[-3000:]  # 128 + SIGTERM: preempted, not finished
+    saved = first.out_dir / "checkpoints" / "preempted-step000008.ckpt"
+    assert check_checkpoint(saved).valid, check_checkpoint(saved).reason
+    assert check_checkpoint(find_latest_valid(first.out_dir / "checkpoints")).global_step == 8
+    again = _ok(train(tmp, "Z2_preempted", 2, None, extra=sigterm, strategy=ds(2, 2)))  # resume=auto (default)
+    assert "resuming from" in again.output and "preempted-step000008" in again.output
+    _same_curve(again, R, range(1, STEPS + 1))
+
+
+def _spike_events(run: Run) -> list[dict]:
+    lines = (run.out_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("source") == "spike_guard"]
+
+
+def test_rejected_update_is_skipped_like_one_process(runs: dict) -> None:
+    """The guard (warm after 3 steps here) rejects the spiked step 8 and retries its batch: under deepspeed_ep the
+    ZeRO optimizer skips that update (DeepSpeed's overflow path), so every batch's loss equals one process's."""
+    tmp = runs["tmp"]
+    spike = (
+        FAULTS,
+        "+callbacks.fault_injection.faults=[{kind: spike, step: 8}]",
+        "callbacks.spike.warmup_steps=3",
+        "trainer.max_steps=12",
+    )
+    ref = _ok(train(tmp, "spike_ref", 1, None, extra=spike))
+    z = _ok(train(tmp, "spike_z2", 2, None, extra=spike, strategy=ds(2, 2)))
+    for run in (ref, z):
+        assert [e["event"] for e in _spike_events(run)][:1] == ["retry"], _spike_events(run)
+    want, got = ref.rows(), z.rows()
+    assert len(want) == len(got) == 12  # the rejected step counts as a step (its batch is retried at the next)
     for w, g in zip(want, got):
         assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (w, g)
