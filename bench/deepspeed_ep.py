@@ -59,8 +59,12 @@ def _state_bytes(strategy: Any, module: Any) -> int:
     seen: set[int] = set()
     total = 0
 
+    from torch.distributed.tensor import DTensor
+
     def add(t: Any) -> None:
         nonlocal total
+        if isinstance(t, DTensor):  # FSDP2 (expert_parallel with sharding): this rank's shard
+            t = t.to_local()
         if torch.is_tensor(t) and t.numel() and id(t.untyped_storage()) not in seen:
             seen.add(id(t.untyped_storage()))
             total += t.untyped_storage().nbytes()
@@ -182,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = []
     for name in args.configs.split(","):
-        results.append(run_config(name, args))
+        try:
+            results.append(run_config(name, args))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:  # one broken configuration: report, go on
+            print(f"{name}: {err}", file=sys.stderr, flush=True)
+            continue
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    if not results:
+        return 1
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
