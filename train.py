@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 import moe_plugin  # noqa: F401  (registers strategies and accelerators with Lightning)
+from moe_plugin.cli.compose import check_command_line
 from moe_plugin.errors import USER_ERROR_EXIT, ConfigError, UserError
 from moe_plugin.lightning.launch import export_submitit_environment
 from moe_plugin.lightning.run import discard_unstarted_run_folder, run
@@ -35,4 +36,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # override errors (model=nope, a misspelt key, bad syntax): one line and exit 2, as for any user error
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
     main()

@@ -6,7 +6,8 @@ inspect:     layout (EP, world size, experts per layer, shard files), step, epoc
              reason, exit status 1), not a crash: diagnosing those is what the command is for.
 consolidate: a sharded expert-parallel checkpoint directory -> one plain Lightning checkpoint file
              with every expert and the full optimizer state, for a single device, export, or plain
-             Lightning training (`ckpt_path=OUT` with any strategy).
+             Lightning training (`ckpt_path=OUT` with any strategy). A local_sgd checkpoint gives island 0's
+             model and optimizer; its outer state (`_local_sgd.*`) is dropped (docs/islands.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from moe_plugin.errors import USER_ERROR_EXIT, CheckpointError, UnsafeCheckpointError
 from moe_plugin.lightning.checkpoint_io import check_checkpoint, load_weights_only
+from moe_plugin.lightning.strategies.local_sgd_checkpoint import drop_outer_state
 from moe_plugin.parallel.checkpoint import CheckpointFormatError, consolidate, describe
 
 HELP = "Inspect or consolidate checkpoints (sharded expert-parallel directories or plain files)."
@@ -96,6 +98,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0 if info.get("valid") is not False else 1
     print(f"checkpoint      {info['path']}  ({info['kind']})")
     print(f"step / epoch    {info['global_step']} / {info['epoch']}   data position {info['data_position']}")
+    if info.get("corpus"):
+        c = info["corpus"]
+        print(f"corpus          {c.get('documents')} documents, {c.get('bytes'):,} bytes, split by {c.get('split')}")
     print(f"dense           {info['dense_tensors']} tensors, {info['dense_parameters']:,} values")
     print(f"optimizers      {info['optimizers']}   lr schedulers {info['lr_schedulers']}")
     if info["kind"] == "sharded":
@@ -113,10 +118,13 @@ def _consolidate(args: argparse.Namespace) -> int:
     except (CheckpointFormatError, CheckpointError) as err:
         print(f"moe-plugin ckpt consolidate: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
+    full, dropped = drop_outer_state(full)  # local_sgd's outer state would break a strict load elsewhere
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(full, out)
     summary = {"out": str(out), "bytes": out.stat().st_size, "global_step": full.get("global_step")}
+    if dropped:
+        summary["dropped_local_sgd_outer_entries"] = dropped
     print(
         json.dumps(summary) if args.json else f"wrote {out} ({summary['bytes']:,} bytes, step {summary['global_step']})"
     )

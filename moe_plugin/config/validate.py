@@ -326,6 +326,7 @@ def _island_rules(cfg: DictConfig, strategy: DictConfig) -> None:
     from moe_plugin.parallel.islands import (
         check_islands,
         parse_expert_parallel_sizes,
+        parse_inner_backends,
         parse_islands,
     )
     from moe_plugin.parallel.mesh import LayoutError
@@ -341,6 +342,8 @@ def _island_rules(cfg: DictConfig, strategy: DictConfig) -> None:
     try:
         islands = parse_islands(world, strategy.get("island_size") if islands_list is None else None, islands_list)
         check_islands(islands, parse_expert_parallel_sizes(ep, len(islands)), [num_experts] if num_experts else [])
+        inner = strategy.get("inner_backend")
+        parse_inner_backends(OmegaConf.to_container(inner) if isinstance(inner, ListConfig) else inner, len(islands))
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

@@ -47,6 +47,13 @@ class GlobalOrderSampler(Sampler[int]):
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
 
+    def first_sample(self, micro_batch: int = 0) -> int:
+        """Position of this rank's first sample within an optimizer step's samples, for the `micro_batch`-th
+        batch of the step (gradient accumulation): micro_batch * G + rank * batch_size. The routing warmup
+        keys its noise by it (layers/routing_warmup.py), so the same global batch gets the same noise on
+        any world size."""
+        return micro_batch * self.global_batch + self.rank * self.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start_sample = 0  # the resume offset belongs to the epoch it was saved in

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+
+from moe_plugin.data.sources import expand_path
 
 
 class ByteTokenizer:
@@ -16,21 +16,32 @@ class ByteTokenizer:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """Bytes back to text. A model whose vocabulary is larger than 256 (`model.vocab_size=512` with this
+        tokenizer) can sample ids that are no byte: each decodes to U+FFFD, like an invalid byte sequence."""
+        out = bytearray()
+        text: list[str] = []
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                out.append(i)
+                continue
+            text.append(out.decode("utf-8", errors="replace") + "\ufffd")
+            out.clear()
+        return "".join(text) + out.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local folder (never from the hub)."""
 
     def __init__(self, path: str) -> None:
-        if not Path(path).expanduser().is_dir():
+        if not expand_path(path).is_dir():
             raise FileNotFoundError(
                 f"data.tokenizer.path={path!r} is not a folder. Point it at a local tokenizer folder "
                 "(one written by tokenizer.save_pretrained); nothing is downloaded at run time."
             )
         from transformers import AutoTokenizer  # optional dependency
 
-        self._tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+        self._tok = AutoTokenizer.from_pretrained(str(expand_path(path)), local_files_only=True)
         self.vocab_size = len(self._tok)
 
     def encode(self, data: bytes) -> np.ndarray:

@@ -13,9 +13,10 @@ rows offs[e-1]:offs[e] (offs = cumsum of the host counts) belong to expert e.
 Why (measured on a 2-core AVX-512 CPU, torch 2.13, docs/performance.md): on CPU `torch._grouped_mm` is a
 loop in C++ whose backward runs its GEMMs ~15-25% slower than plain `torch.mm` on the same slices, and
 fusing gate and up into one GEMM needs a weight-sized `cat` every forward and backward. Here every GEMM
-is one `torch.mm(..., out=slice)` per expert in the layout MKL/oneDNN likes (no copies, no cat), the
-SwiGLU elementwise work is done with in-place ops, and the saved activations are g, u and h (autograd
-of the composed ops saves silu(g) too). The expert counts must be on the host (one `.tolist()` per
+is one `torch.mm(..., out=slice)` per expert in the layout MKL/oneDNN likes (no copies, no cat). Each
+expert's whole MLP (forward) and whole backward run before the next expert's, so its elementwise SwiGLU
+work reads operands still in cache; only g and u are saved (silu(g) and h are recomputed per expert in
+backward, in cache: half the saved activations of autograd on the composed ops). The expert counts must be on the host (one `.tolist()` per
 layer, done by the caller); GPUs should keep using the one-kernel `torch._grouped_mm` path instead.
 
 Reference: `experts_loop` in moe_plugin/layers/experts.py (tests/unit/kernels/test_swiglu_experts.py).
@@ -47,48 +48,48 @@ class _SwiGLUExperts(torch.autograd.Function):
         bounds = expert_bounds(counts)
         g_NF = x_ND.new_empty(N, F_)
         u_NF = x_ND.new_empty(N, F_)
-        for e, s, t in bounds:
-            torch.mm(x_ND[s:t], w_gate_EDF[e], out=g_NF[s:t])
-            torch.mm(x_ND[s:t], w_up_EDF[e], out=u_NF[s:t])
-        a_NF = F.silu(g_NF)
-        h_NF = a_NF * u_NF
         y_ND = x_ND.new_empty(N, w_down_EFD.shape[-1])
+
+        # The whole MLP of one expert before the next: its g, u and h are still in cache for the elementwise
+        # work and the down projection. h is a per-expert temporary (recomputed in backward).
         for e, s, t in bounds:
-            torch.mm(h_NF[s:t], w_down_EFD[e], out=y_ND[s:t])
+            x_nD = x_ND[s:t]
+            g_nF = torch.mm(x_nD, w_gate_EDF[e], out=g_NF[s:t])
+            u_nF = torch.mm(x_nD, w_up_EDF[e], out=u_NF[s:t])
+            torch.mm(F.silu(g_nF).mul_(u_nF), w_down_EFD[e], out=y_ND[s:t])
         ctx.bounds = bounds
-        ctx.save_for_backward(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF, a_NF, h_NF)
+        ctx.save_for_backward(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF)
         return y_ND
 
     @staticmethod
     def backward(ctx: Any, dy_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF, a_NF, h_NF = ctx.saved_tensors
+        x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF = ctx.saved_tensors
         bounds = ctx.bounds
         dy_ND = dy_ND.contiguous()
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
-
-        dh_NF = torch.empty_like(g_NF)
-        dw_down = weight_grad_buffer(w_down_EFD, bounds) if need_wd else None
-        for e, s, t in bounds:
-            torch.mm(dy_ND[s:t], w_down_EFD[e].t(), out=dh_NF[s:t])
-            if dw_down is not None:
-                torch.mm(h_NF[s:t].t(), dy_ND[s:t], out=dw_down[e])
-        # du = dh * silu(g); dg = silu'(g) * (dh * u) in dh's buffer (saved tensors are left intact, so a
-        # retain_graph backward can run again)
-        du_NF = dh_NF * a_NF
-        dh_NF.mul_(u_NF)
-        dg_NF = torch.ops.aten.silu_backward.grad_input(dh_NF, g_NF, grad_input=dh_NF)
-
         dx_ND = torch.empty_like(x_ND) if need_x else None
+        dw_down = weight_grad_buffer(w_down_EFD, bounds) if need_wd else None
         dw_gate = weight_grad_buffer(w_gate_EDF, bounds) if need_wg else None
         dw_up = weight_grad_buffer(w_up_EDF, bounds) if need_wu else None
+
         for e, s, t in bounds:
+            g_nF, u_nF, dy_nD, x_nD = g_NF[s:t], u_NF[s:t], dy_ND[s:t], x_ND[s:t]
+            a_nF = F.silu(g_nF)  # recomputed in cache: cheaper than saving a and h for every row
+            if dw_down is not None:
+                torch.mm(torch.mul(a_nF, u_nF).t(), dy_nD, out=dw_down[e])
+            dh_nF = torch.mm(dy_nD, w_down_EFD[e].t())
+            # du = dh * silu(g); dg = silu'(g) * (dh * u), in dh's buffer (saved tensors stay intact, so
+            # a retain_graph backward can run again)
+            du_nF = dh_nF * a_nF
+            dg_nF = torch.ops.aten.silu_backward.grad_input(dh_nF.mul_(u_nF), g_nF, grad_input=dh_nF)
             if dx_ND is not None:
-                torch.mm(dg_NF[s:t], w_gate_EDF[e].t(), out=dx_ND[s:t])
-                dx_ND[s:t].addmm_(du_NF[s:t], w_up_EDF[e].t())
+                torch.mm(dg_nF, w_gate_EDF[e].t(), out=dx_ND[s:t])
+                dx_ND[s:t].addmm_(du_nF, w_up_EDF[e].t())
             if dw_gate is not None:
-                torch.mm(x_ND[s:t].t(), dg_NF[s:t], out=dw_gate[e])
+                torch.mm(x_nD.t(), dg_nF, out=dw_gate[e])
             if dw_up is not None:
-                torch.mm(x_ND[s:t].t(), du_NF[s:t], out=dw_up[e])
+                torch.mm(x_nD.t(), du_nF, out=dw_up[e])
+
         if dx_ND is not None and len(bounds) == 0:
             dx_ND.zero_()
         return dx_ND, dw_gate, dw_up, dw_down, None

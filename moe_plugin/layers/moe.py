@@ -27,8 +27,9 @@ Hooks set from outside, never read from global state:
     dispatcher:  a layers.dispatcher.TokenDispatcher; LocalDispatcher (every expert here) by default,
                  expert parallelism installs dispatch.AllToAllDispatcher
     count_reduce: callable summing a count tensor over the data-parallel group (None = single process)
-`start_step(step)` (called by the RouterUpdates callback before each optimizer step's first micro-batch)
-sets the routing-warmup step and opens a new counting window for the global-batch loss and expert bias.
+`start_step()` (called by the RouterUpdates callback before each optimizer step's first micro-batch)
+opens a new counting window for the global-batch loss and expert bias; the routing warmup counts its own
+accepted steps (routing_warmup.commit_routing_warmup), `start_step(step)` sets that count instead.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class MoE(nn.Module):
     @torch.compiler.disable
     def _routed(self, x_TD: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """route -> permute -> dispatch -> experts -> combine (steps 1-5), then the losses and statistics."""
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, shape[-2] if len(shape) >= 3 else None)
         permuted = permute(
             x_TD,
             routing.topk_ids_TK,
@@ -251,10 +252,11 @@ class MoE(nn.Module):
             )
 
     # --------------------------------------------------------------------------- step-level control
-    def start_step(self, step: int) -> None:
-        """Begin optimizer step `step`: set the warmup step and open a new counting window."""
+    def start_step(self, step: int | None = None) -> None:
+        """Begin an optimizer step: open a new counting window; `step` sets the routing-warmup step (None keeps
+        the warmup's own count of accepted steps, advanced by routing_warmup.commit_routing_warmup)."""
         self._driven = True
-        if self.router.warmup is not None:
+        if self.router.warmup is not None and step is not None:
             self.router.warmup.set_step(step)
         self.stats.start_step()
 
@@ -270,7 +272,7 @@ def collect_aux_losses(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
-def moe_start_step(model: nn.Module, step: int) -> None:
+def moe_start_step(model: nn.Module, step: int | None = None) -> None:
     """Call `start_step(step)` on every MoE layer (what the RouterUpdates callback does)."""
     for layer in moe_layers(model):
         layer.start_step(step)

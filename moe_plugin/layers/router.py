@@ -98,17 +98,18 @@ class TopKRouter(nn.Module):
             else None
         )
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, tokens_per_sample: int | None = None) -> RouterOutput:
+        """tokens_per_sample: S when x_TD is a flattened [B, S] batch (the warmup noise is keyed by token position)."""
         # Routing decisions are made in float32 even under mixed precision: autocast would otherwise run
         # the gate projection in bf16/fp16 although the inputs were cast up.
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD.float())
+            return self._route(x_TD.float(), tokens_per_sample)
 
-    def _route(self, x_TD: torch.Tensor) -> RouterOutput:
+    def _route(self, x_TD: torch.Tensor, tokens_per_sample: int | None = None) -> RouterOutput:
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = F.linear(x_TD, self.weight.float())
-        routed_TE = self.warmup(logits_TE) if self.warmup is not None else logits_TE
+        routed_TE = self.warmup(logits_TE, tokens_per_sample) if self.warmup is not None else logits_TE
         if self.score_func == "softmax":
             scores_TE = torch.softmax(routed_TE, dim=-1)
         else:

@@ -71,8 +71,12 @@ class MoELanguageModule(pl.LightningModule):
         lm_loss, _, aux = self._step(batch)
         loss = lm_loss if aux is None else lm_loss + aux
         bs = batch.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/lm_loss", lm_loss, batch_size=bs)
+        # The global batch's losses (mean over ranks; each rank's share has the same number of tokens), so curves
+        # from different layouts compare; one 2-scalar all-reduce per step, through the strategy (local_sgd: the
+        # island). Equal to one process's loss on the same global batch (tests/distributed/test_warmup_exact.py).
+        global_loss, global_lm_loss = self._mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach()]).float())
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", global_lm_loss, batch_size=bs)
         # logged here rather than by LearningRateMonitor, which refuses to run without a logger
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         layers = moe_layers(self.model)
@@ -83,6 +87,12 @@ class MoELanguageModule(pl.LightningModule):
                 if values:
                     self.log(f"train/{key}", torch.stack(values).mean(), batch_size=bs)
         return loss
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return t
+        return trainer.strategy.reduce(t, reduce_op="mean")
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         lm_loss, _, _ = self._step(batch)

@@ -58,7 +58,7 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
 
 def run(cfg: DictConfig) -> float | None:
     validate_config(cfg, optim_target=MoELanguageModule)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set to" line
     output_dir = Path(cfg.paths.output_dir)
 
     # Everything that can fail on user input comes first (data, checkpoint to resume from), before the model,

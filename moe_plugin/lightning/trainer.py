@@ -6,14 +6,37 @@ vendor resolution and expert parallelism have one place to hook in.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from moe_plugin.errors import ConfigError, UserError
+from moe_plugin.lightning.callbacks.progress import default_progress_bar
+
+# Lightning 2.6's CombinedLoader builds torch pytree LeafSpecs, which torch 2.13 deprecates with a FutureWarning on
+# every fit/validate/test (Lightning's code, nothing a user can act on). Only that message, from that module.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" advertisement, printed at every Trainer construction."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -99,6 +122,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     kwargs.update(resolve_accelerator(cfg, kwargs, resolve_strategy(cfg)))
     extra = kwargs.pop("plugins", None) or []
     plugins = [*resolve_plugins(cfg), *(extra if isinstance(extra, (list, tuple)) else [extra])]
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks = [*callbacks, default_progress_bar()]  # no "Epoch 0/-2" and no "v_num" (callbacks/progress.py)
     return pl.Trainer(
         callbacks=callbacks,
         logger=loggers if loggers else False,

@@ -375,6 +375,28 @@ def load_for_rank(
     return out
 
 
+def read_dense_and_experts(
+    path: str | os.PathLike[str], load_file: Callable[[str], dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor]]:
+    """(every dense parameter, whole) and a reader of one expert parameter over all experts, of a sharded
+    directory at any format version; no optimizer state is read. For readers of the model only (export,
+    generation), which take one layer's experts at a time."""
+    meta, source, _ = _read_sources(path, load_file, None)
+    state = dict(meta["state_dict"])
+    folder = meta.pop(DENSE_DCP_KEY, None)
+    if folder is not None:
+        from moe_plugin.parallel.checkpoint_sharded import read_dense_full  # DCP only when a v2 dir is read
+
+        state.update({k[len("model/") :]: t for k, t in read_dense_full(folder, prefix="model/").items()})
+
+    def expert(name: str) -> torch.Tensor:
+        if name not in source.expert_params:
+            raise CheckpointFormatError(f"{path} has no expert parameter {name} (model config and weights disagree).")
+        return source.tensor(name, 0, source.expert_params[name])
+
+    return state, expert
+
+
 def consolidate(path: str | os.PathLike[str], load_file: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """A sharded directory -> one plain Lightning checkpoint dict with every expert (for one device or export).
 
@@ -422,10 +444,13 @@ def describe(path: str | os.PathLike[str], load_file: Callable[[str], dict[str, 
         "dense_parameters": int(sum(t.numel() for t in sd.values() if torch.is_tensor(t))),
         "optimizers": len(meta.get("optimizer_states", []) or []),
         "lr_schedulers": len(meta.get("lr_schedulers", []) or []),
-        "data_position": next(
-            (v for k, v in meta.items() if isinstance(v, dict) and set(v) == {"epoch", "samples"}), None
-        ),
+        "data_position": None,
+        "corpus": None,
     }
+    data_state = next((v for v in meta.values() if isinstance(v, dict) and {"epoch", "samples"} <= set(v)), None)
+    if data_state is not None:  # the data module's state: position, and the corpus fingerprint (data/datamodule.py)
+        info["data_position"] = {"epoch": data_state["epoch"], "samples": data_state["samples"]}
+        info["corpus"] = data_state.get("corpus")
     if layout is not None:
         info.update(
             {

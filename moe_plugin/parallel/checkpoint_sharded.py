@@ -18,6 +18,7 @@ Keys in DCP: "model/<parameter name>" and "optim/<optimizer index>/<parameter na
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from moe_plugin.parallel.checkpoint import (
     shard_file_name,
     split_checkpoint,
 )
+from moe_plugin.parallel.dcp_reader import SafeFileSystemReader
 
 
 def _model_key(name: str) -> str:
@@ -97,15 +99,20 @@ def save_dense(dense: dict[str, DTensor], folder: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def read_dense_full(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP folder as a whole tensor (collective if a process group is initialised)."""
-    reader = dcp.FileSystemReader(str(folder))
+def read_dense_full(folder: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder whose key starts with `prefix` ("model/": parameters only, no optimizer
+    state), as a whole tensor (collective if a process group is initialised)."""
+    reader = SafeFileSystemReader(str(folder))
     md = reader.read_metadata()
     out: dict[str, Any] = {}
     for key, item in md.state_dict_metadata.items():
-        if hasattr(item, "size"):  # TensorStorageMetadata (BytesStorageMetadata has no size)
+        if key.startswith(prefix) and hasattr(item, "size"):  # TensorStorageMetadata (bytes items have no size)
             out[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(out, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        # without a process group DCP warns that it "assumes the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(out, storage_reader=reader, no_dist=no_dist)
     return out
 
 
@@ -236,7 +243,7 @@ def _set_state(state: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _load_targets(folder: str, targets: dict[str, Any]) -> None:
-    reader = dcp.FileSystemReader(folder)
+    reader = SafeFileSystemReader(folder)
     saved = set(reader.read_metadata().state_dict_metadata)
     missing = [k for k in targets if k not in saved]
     if missing:

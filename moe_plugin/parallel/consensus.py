@@ -68,3 +68,17 @@ def gather_floats(
     out_RV = [torch.empty_like(local_V) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out_RV, local_V, group=group)
     return [t.tolist() for t in out_RV]
+
+
+def min_over_ranks(
+    values: Sequence[int], device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None
+) -> list[int]:
+    """Element-wise minimum of integer `values` over the ranks of `group` (one all-reduce of V int64).
+
+    Take -x for a maximum in the same call: min_over_ranks([n, -n]) gives (shortest, -longest).
+    """
+    if not _distributed(group):
+        return [int(v) for v in values]
+    t_V = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(t_V, op=dist.ReduceOp.MIN, group=group)
+    return [int(v) for v in t_V.tolist()]

@@ -24,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from moe_plugin.parallel.mesh import (
@@ -81,6 +83,23 @@ def parse_expert_parallel_sizes(expert_parallel_size: int | Sequence[int], num_i
     return sizes
 
 
+def parse_inner_backends(inner_backend: str | Sequence[str | None] | None, num_islands: int) -> list[str | None]:
+    """One collective backend per island for its own groups (None: the world group's backend).
+
+    A string applies to every island, a list gives each island its own (e.g. ["nccl", "hccl"] for an NVIDIA and
+    an Ascend island); the world group then needs a backend every rank has (strategy.process_group_backend).
+    """
+    if inner_backend is None or isinstance(inner_backend, str):
+        return [inner_backend or None] * num_islands
+    backends = [None if b in (None, "") else str(b) for b in inner_backend]
+    if len(backends) != num_islands:
+        raise LayoutError(
+            f"strategy.inner_backend={list(inner_backend)} lists {len(backends)} backends for {num_islands} islands: "
+            "give one per island (e.g. [nccl, hccl]), a single name for all, or null for the world group's backend."
+        )
+    return backends
+
+
 def check_islands(islands: list[list[int]], ep_sizes: list[int], num_experts: Sequence[int] = ()) -> None:
     """check_layout for every island (its own size and EP), with the island named in the error."""
     for k, (isl, ep) in enumerate(zip(islands, ep_sizes)):
@@ -131,16 +150,21 @@ def build_island_mesh(
     islands: list[list[int]],
     ep_sizes: list[int],
     timeout: timedelta | None = None,
-    backend: str | None = None,
+    backend: str | Sequence[str | None] | None = None,
     outer_backend: str | None = "gloo",
 ) -> IslandMesh:
-    """Create the island, expert, expert-data-parallel and outer groups (collective: every rank, once)."""
+    """Create the island, expert, expert-data-parallel and outer groups (collective: every rank, once).
+
+    `backend`: the islands' own groups' backend, one name for all or one per island (parse_inner_backends);
+    a rank only ever instantiates the backend of its own island (new_group builds nothing on non-members).
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
     if sorted(r for isl in islands for r in isl) != list(range(world)):
         raise LayoutError(f"islands {islands} do not partition the {world} ranks of this job.")
-    kw = {"timeout": timeout, "backend": backend}
+    backends = parse_inner_backends(backend, len(islands))
     mine: dict[str, dist.ProcessGroup | None] = {}
-    for isl, ep in zip(islands, ep_sizes):
+    for isl, ep, island_backend in zip(islands, ep_sizes, backends):
+        kw = {"timeout": timeout, "backend": island_backend}
         group = dist.new_group(isl, **kw)
         if rank in isl:
             mine["island"] = group
@@ -165,3 +189,24 @@ def build_island_mesh(
         islands=islands,
         outer_group=outer,
     )
+
+
+# ------------------------------------------------------------------ island-scoped collectives (the strategy's)
+def island_barrier(mesh: IslandMesh) -> None:
+    """Barrier over this rank's island only (islands never wait on each other between syncs)."""
+    dist.barrier(group=mesh.island_group)
+
+
+def island_broadcast_object(obj: Any, src: int, mesh: IslandMesh) -> Any:
+    """`obj` from island-local rank `src` to every rank of the island."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=mesh.global_ranks[src], group=mesh.island_group)
+    return box[0]
+
+
+def island_flag(value: int, mesh: IslandMesh, device: torch.device | str) -> int:
+    """The island leader's integer flag (e.g. "received SIGTERM"), on every rank of the island."""
+    flag = torch.tensor([int(value)], device=device)
+    if mesh.world_size > 1:
+        dist.broadcast(flag, src=mesh.global_ranks[0], group=mesh.island_group)
+    return int(flag.item())

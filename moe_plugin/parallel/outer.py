@@ -6,11 +6,19 @@ island k's weights after its H_k local steps, mu momentum, eta the outer learnin
 
     Delta_k = theta_s - theta_k                                       pseudo-gradient of island k
     n_k     = ||Delta_k||_2                                           over the WHOLE model (every expert once)
+    r_k     = n_k * Hbar / H_k,   Hbar = mean_j H_j                   the step-normalised norm (per_step=True)
     screening (EDiT's pseudo-gradient penalty), per island k with its own EWMA z-score detector:
-        rejected_k = not finite(n_k)  or  (detector warmed up and z_k = (n_k - m_k) / s_k > threshold)
+        rejected_k = not finite(n_k)  or  (detector warmed up and z_k = (r_k - m_k) / s_k > threshold)
     weights over accepted islands A:
-        softmax:  w_k = exp(-n_k / T) / sum_{j in A} exp(-n_j / T)     (T = 1, EDiT)
+        softmax:  w_k = exp(-r_k / T) / sum_{j in A} exp(-r_j / T)     (T = 1, EDiT)
         uniform:  w_k = 1 / |A|          steps:  w_k = H_k / sum_{j in A} H_j
+
+Why r_k and not n_k: EDiT's screen is about ANOMALOUS movement. With time-based rounds (A-EDiT) island k takes
+H_k local steps, and its norm grows with H_k (about linearly while the steps agree in direction), so on the raw
+norm a fast island looks anomalous and softmax(-n/T) starves it: measured in bench/islands.py (docs/
+performance.md), softmax on n_k gave the 3x faster island a weight of ~0.05 and ended 8% worse. r_k compares
+islands at the same step count (the mean one); when every H_k is equal (step-based rounds) r_k = n_k exactly,
+which is EDiT's rule unchanged. per_step=False screens the raw n_k.
     clipping: c_k = min(1, clip_norm / n_k)                          (clip_norm = None: c_k = 1)
     Delta   = sum_{k in A} w_k c_k Delta_k                            one all-reduce over the outer group
     outer Nesterov SGD (torch.optim.SGD(nesterov=True)'s rule):
@@ -141,6 +149,7 @@ class Screening:
     weights: list[float]  # w_k (0 for rejected islands); sums to 1 over accepted ones
     clip_coefs: list[float]  # c_k
     factors: list[float] = field(default_factory=list)  # w_k * c_k: island k's multiplier in the average
+    scored: list[float] = field(default_factory=list)  # what the detector and softmax saw (r_k, or n_k)
 
     @property
     def any_accepted(self) -> bool:
@@ -154,27 +163,31 @@ def screen(
     weighting: str = "softmax",
     temperature: float = 1.0,
     clip_norm: float | None = None,
+    per_step: bool = True,
 ) -> Screening:
-    """Reject anomalous islands, weight and clip the others (module docstring). Updates the detectors with
-    the accepted norms only (a rejected norm folded in would widen the band and hide the next anomaly)."""
+    """Reject anomalous islands, weight and clip the others (module docstring). The detector and the softmax
+    see the step-normalised norms r_k (per_step=True) or the raw n_k; clipping always acts on n_k (it bounds
+    the update). Updates the detectors with the accepted values only (a rejected one folded in would widen the
+    band and hide the next anomaly)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"strategy.weighting={weighting!r} must be one of {WEIGHTINGS}.")
     K = len(norms)
+    scored = step_normalised(norms, steps) if per_step else list(norms)
     z = [0.0] * K
     accepted = [math.isfinite(n) for n in norms]
     if detectors is not None:
         for k in range(K):
-            z[k] = detectors[k].zscore(norms[k])
-            if detectors[k].is_spike(norms[k]):
+            z[k] = detectors[k].zscore(scored[k])
+            if detectors[k].is_spike(scored[k]):
                 accepted[k] = False
             else:
-                detectors[k].update(norms[k])
+                detectors[k].update(scored[k])
     idx = [k for k in range(K) if accepted[k]]
     weights = [0.0] * K
     if idx:
         if weighting == "softmax":
-            lo = min(norms[k] for k in idx)  # shift for stability: softmax is shift-invariant
-            e = {k: math.exp(-(norms[k] - lo) / temperature) for k in idx}
+            lo = min(scored[k] for k in idx)  # shift for stability: softmax is shift-invariant
+            e = {k: math.exp(-(scored[k] - lo) / temperature) for k in idx}
         elif weighting == "steps":
             e = {k: float(steps[k]) for k in idx}
         else:
@@ -184,7 +197,16 @@ def screen(
             weights[k] = e[k] / total
     coefs = [min(1.0, clip_norm / n) if clip_norm is not None and math.isfinite(n) and n > 0 else 1.0 for n in norms]
     factors = [weights[k] * coefs[k] for k in range(K)]
-    return Screening(list(norms), z, accepted, weights, coefs, factors)
+    return Screening(list(norms), z, accepted, weights, coefs, factors, scored)
+
+
+def step_normalised(norms: Sequence[float], steps: Sequence[float]) -> list[float]:
+    """r_k = n_k * Hbar / H_k with Hbar the mean of H over the islands that took steps (module docstring);
+    an island that took none keeps n_k (its pseudo-gradient is zero: it only reports a stop)."""
+    H = [float(h) for h in steps]
+    moved = [h for h in H if h > 0]
+    mean = sum(moved) / len(moved) if moved else 0.0
+    return [n * mean / h if h > 0 else n for n, h in zip(norms, H)]
 
 
 @torch.no_grad()

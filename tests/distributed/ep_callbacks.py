@@ -54,3 +54,25 @@ class KillRank(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.at_step:
             os._exit(9)
+
+
+class WarmupRecorder(pl.Callback):
+    """Appends, on rank 0, {"step", "logged_loss", "mean", "std", "warmup_step"} per step to `path`: the
+    `train/loss` the module logged (what loggers receive) and layer 0's routing-warmup state after the step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        w = moe_layers(pl_module)[0].router.warmup
+        row = {
+            "step": trainer.global_step,
+            "logged_loss": float(trainer.callback_metrics["train/loss"]),
+            "mean": float(w.logit_mean),
+            "std": float(w.logit_std),
+            "warmup_step": int(w.step),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -6,17 +6,23 @@
 - AdamW islands (EDiT defaults): inner state differs between islands (never averaged), every island ends
   with the same weights, checkpoints hold every island and resume exactly; a killed island makes the other
   exit with a clear error, and resume=auto in the same folder continues to the same curve.
-- time-based sync with island 1 slowed 3x by the injected delay: the fast island takes more local steps.
+- time-based sync with island 1 slowed 3x by the injected delay: the fast island takes more local steps; the
+  islands' own groups on a per-island backend list (strategy.inner_backend).
+- `moe-plugin ckpt consolidate` of an island checkpoint drops the outer state: the file loads strictly under
+  expert_parallel (and resumes) and in the HF export reader.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_runs import STEPS, Run, train
+from train_runs import ROOT, STEPS, Run, train
 
 from moe_plugin.lightning.checkpoint_io import check_checkpoint
 from moe_plugin.lightning.events import read_events
@@ -174,6 +180,27 @@ def test_killed_island_then_resume_auto(tmp: Path, edit_run: Run) -> None:
         assert abs(got[s]["loss"] - edit_run.curve()[s]["loss"]) <= ATOL, (s, got[s])
 
 
+def test_consolidated_island_checkpoint_loads_under_expert_parallel_and_export(tmp: Path, edit_run: Run) -> None:
+    from moe_plugin.convert.hf.source import load_model
+
+    out = tmp / "consolidated.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moe_plugin", "ckpt", "consolidate", str(edit_run.checkpoint(10)), str(out), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["dropped_local_sgd_outer_entries"] > 0
+    ck = _load(str(out))
+    assert not [k for k in ck["state_dict"] if k.startswith("_local_sgd.")] and "local_sgd" not in ck
+    want = _weights(edit_run.checkpoint(10))  # island 0's model
+    assert ck["state_dict"].keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(ck["state_dict"][k], want[k], rtol=0, atol=0)
+    load_model(out)  # the export reader's strict load
+    # strict load under expert_parallel (EP 2 slices the experts), and training continues from step 11
+    R = _ok(train(tmp, "from_consolidated", 2, 2, ckpt=out))
+    assert sorted(R.curve()) == list(range(11, STEPS + 1))
+
+
 def test_time_based_fast_island_takes_more_steps(tmp: Path) -> None:
     T = _ok(
         train(
@@ -188,6 +215,8 @@ def test_time_based_fast_island_takes_more_steps(tmp: Path) -> None:
                 "strategy.sync_every_seconds=1.0",
                 "strategy.sync_min_steps=2",
                 "strategy.timeout_seconds=60",
+                "strategy.process_group_backend=gloo",  # the world group: a backend every island has
+                "strategy.inner_backend=[gloo,gloo]",  # each island's own (e.g. [nccl,hccl] on mixed vendors)
             ),
             extra=(
                 "trainer.max_steps=40",
@@ -197,6 +226,7 @@ def test_time_based_fast_island_takes_more_steps(tmp: Path) -> None:
             ),
         )
     )
+    assert "inner backends ['gloo', 'gloo'], outer backend gloo" in T.output
     syncs = [e for e in read_events(T.out_dir / "events.jsonl") if e["event"] == "sync"]
     assert syncs[0]["steps"] == [2, 2]
     later = syncs[1:-1]

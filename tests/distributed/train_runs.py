@@ -59,7 +59,7 @@ def train(
     overrides = [
         "experiment=tiny_smoke",
         "logger=none",
-        # Stochastic Routing Warmup draws per-rank noise: runs at different layouts cannot be equal with it on
+        # the warmup is layout-exact (test_warmup_exact.py); off here to keep these references warmup-free
         "model.moe.routing_warmup=false",
         f"trainer.max_steps={STEPS}",
         "trainer.limit_val_batches=0",

@@ -120,3 +120,45 @@ def test_ckpt_cli_refuses_a_planted_pickle(tmp_path: Path, capsys) -> None:
     assert cli_main(["ckpt", "consolidate", str(honest), str(tmp_path / "out.ckpt")]) == 2
     assert "experts-ep000-of-001.pt" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def _dcp_folder(folder: Path) -> None:
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(
+            {"model/w": torch.ones(2, 3), "model/b": torch.zeros(3, dtype=torch.bfloat16)},
+            checkpoint_id=str(folder),
+            no_dist=True,
+        )
+
+
+def test_format2_dense_metadata_is_read_without_running_code(tmp_path: Path, capsys) -> None:
+    """The DCP folder of a format-2 checkpoint: torch reads its .metadata with a bare pickle.load."""
+    import pickle
+
+    import torch
+
+    from moe_plugin.parallel.checkpoint_sharded import read_dense_full
+
+    honest = tmp_path / "dcp"
+    _dcp_folder(honest)
+    full = read_dense_full(honest)  # a genuine folder still reads, bf16 included
+    assert torch.equal(full["model/w"], torch.ones(2, 3)) and full["model/b"].dtype == torch.bfloat16
+
+    marker = tmp_path / "MARKER"
+    ckpt = tmp_path / "v2"
+    _dcp_folder(ckpt / "dense")
+    (ckpt / "dense" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    layout = {"format_version": 2, "expert_parallel_size": 1, "world_size": 2, "num_experts": {}}
+    layout.update(expert_params={}, shard_files=[], expert_files=[], dense_dcp="dense", data_parallel_shard_size=2)
+    write_checkpoint_file({"global_step": 1, "state_dict": {}, "moe_plugin_layout": layout}, ckpt / "meta.pt")
+    assert cli_main(["ckpt", "consolidate", str(ckpt), str(tmp_path / "out.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the planted DCP metadata ran code"
+    assert str(ckpt / "dense" / ".metadata") in err and "refusing to load" in err, err
+    assert not (tmp_path / "out.ckpt").exists()

@@ -36,6 +36,11 @@ def test_train_py_user_errors_are_one_line_and_leave_no_run_folder(tmp_path: Pat
     empty = tmp_path / "empty_corpus"
     empty.mkdir()
     (empty / "blank.txt").write_text("")
+    binary = empty / "mixed"
+    binary.mkdir()
+    (binary / "a.bin").write_bytes(bytes(range(256)) * 8)
+    (binary / "b.bin").write_bytes(bytes(range(256)) * 8)
+    (binary / "c.txt").write_text("some text " * 500)
     # the rest of the rules are checked in-process in tests/unit/config/test_validate.py
     cases = {
         "odd head_dim": (["model.head_dim=15"], ["model.head_dim=15", "even"]),
@@ -46,6 +51,12 @@ def test_train_py_user_errors_are_one_line_and_leave_no_run_folder(tmp_path: Pat
             ["empty"],
         ),
         "a constructor's refusal": (["data.batch_size=0"], ["data.batch_size=0"]),
+        # Hydra's own override errors (it prints several lines and exits 1): checked before @hydra.main
+        "unknown option": (["model=nope"], ["model=nope", "ling_tiny"]),
+        "misspelt key": (["trainer.max_stepz=3"], ["trainer.max_stepz", "+trainer.max_stepz=3"]),
+        "malformed override": (["optim.lr=1e-3=2"], ["'optim.lr=1e-3=2' is not a valid override"]),
+        "unquoted ~": (["data=text_files", "data.source.paths=[~/x]"], ["data.source.paths=[~/x]", '"~/books"']),
+        "mostly binary corpus": (["data=text_files", f"data.source.paths=[{binary}]"], ["2 of 3 files are binary"]),
     }
     for name, (overrides, words) in cases.items():
         proc = _run(tmp_path, str(ROOT / "train.py"), *TINY, *overrides)
@@ -80,3 +91,28 @@ def test_cli_user_errors(tmp_path: Path, capsys) -> None:
     wrong_format.write_text("{}")
     err(["align", "compare", str(truncated_json), str(truncated_json)], str(truncated_json), "not a JSON record")
     err(["align", "compare", str(wrong_format), str(truncated_json)], str(wrong_format), "record format")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_single_file_corpus_trains_and_a_changed_corpus_stops_resume(tmp_path: Path) -> None:
+    """`data.source.paths=[book.txt]` trains (split by position); resuming after the book changed stops with one
+    line naming data.allow_changed, which then lets it continue."""
+    import random
+
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial kings".split()
+    rng = random.Random(0)
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(rng.choice(words) for _ in range(8000)))
+    args = [str(ROOT / "train.py"), *TINY, "data=text_files", "data.source.paths=[book.txt]", "hydra.run.dir=run"]
+    args += ["sample_lines=0", "validate_at_end=false"]
+    first = _run(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step000002.ckpt").exists()
+    book.write_text(book.read_text().replace("fox", "cat"))
+    changed = _run(tmp_path, *args, "trainer.max_steps=4")
+    _one_line_error(changed, "corpus differs", "data.allow_changed=true")
+    allowed = _run(tmp_path, *args, "trainer.max_steps=4", "data.allow_changed=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "resuming on a changed corpus" in allowed.stderr + allowed.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step000004.ckpt").exists()

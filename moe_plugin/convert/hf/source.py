@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moe_plugin.models.decoder import MoEDecoderLM
-from moe_plugin.parallel.checkpoint import is_sharded_checkpoint, load_for_rank
+from moe_plugin.parallel.checkpoint import is_sharded_checkpoint, read_dense_and_experts
 
 
 class CheckpointConfigError(ValueError):
@@ -42,6 +42,7 @@ class CheckpointSource:
             raise FileNotFoundError(f"checkpoint {self.path} does not exist.")
         self.sharded = is_sharded_checkpoint(self.path)
         self._plain: dict[str, Any] | None = None
+        self._sharded: tuple[dict[str, torch.Tensor], Any] | None = None
         meta = load_file(str(self.path / "meta.pt")) if self.sharded else self._plain_ckpt()
         self.meta = meta
         self.config = model_config or meta.get("model_config") or _config_from_run_folder(self.path)
@@ -64,23 +65,27 @@ class CheckpointSource:
     def _strip(self, state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k[len(PREFIX) :]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
 
+    def _sharded_state(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """The directory's dense parameters (DCP folder of format 2 included) and its expert reader, read once."""
+        if self._sharded is None:
+            self._sharded = read_dense_and_experts(self.path, load_file)
+        return self._sharded
+
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer i (experts assembled from the shards when sharded)."""
         prefix = f"layers.{i}."
         if not self.sharded:
             return {k: v for k, v in self._strip(self._plain_ckpt()["state_dict"]).items() if k.startswith(prefix)}
-        E = int((self.config.get("moe") or {}).get("num_experts", 8))
-        dense = i < int(self.config.get("first_k_dense", 0))
-        wanted = {} if dense else {f"{PREFIX}{prefix}ffn.experts.{w}": (E, 0, E) for w in EXPERT_WEIGHTS}
-        ckpt = load_for_rank(self.path, wanted, [], load_file)
-        return {k: v for k, v in self._strip(ckpt["state_dict"]).items() if k.startswith(prefix)}
+        dense, expert = self._sharded_state()
+        out = {k: v for k, v in self._strip(dense).items() if k.startswith(prefix)}
+        if i >= int(self.config.get("first_k_dense", 0)):
+            for w in EXPERT_WEIGHTS:
+                out[f"{prefix}ffn.experts.{w}"] = expert(f"{PREFIX}{prefix}ffn.experts.{w}")
+        return out
 
     def globals(self) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and LM head."""
-        if self.sharded:
-            state = load_file(str(self.path / "meta.pt"))["state_dict"]
-        else:
-            state = self._plain_ckpt()["state_dict"]
+        state = self._sharded_state()[0] if self.sharded else self._plain_ckpt()["state_dict"]
         return {k: v for k, v in self._strip(state).items() if not k.startswith("layers.")}
 
 

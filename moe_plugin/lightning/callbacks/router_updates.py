@@ -3,51 +3,100 @@
 Shapes: L MoE layers with an expert bias, E experts.
 
 For any LightningModule containing MoE layers (found with `moe_layers(pl_module)`):
-1. Before the first micro-batch of every optimizer step, `moe_start_step(pl_module, trainer.global_step)`:
-   sets the Stochastic Routing Warmup step (so W counts optimizer steps, not micro-batches, and resumes
-   from checkpoints) and opens a new tokens-per-expert window for the global-batch balance loss and the
-   expert bias.
-2. In `on_before_optimizer_step` (once per optimizer step, after all gradient-accumulation micro-batches),
+1. Before the first micro-batch of every optimizer step, `moe_start_step(pl_module)`: opens a new
+   tokens-per-expert window for the global-batch balance loss and the expert bias.
+2. Before every micro-batch, the Stochastic Routing Warmup's noise keys (layers/routing_warmup.py): the
+   run's seed and the global position of this rank's first sample in the step's batch,
+       first_sample = m * G + rank * batch_size      (m-th micro-batch of the step; GlobalOrderSampler)
+   so the same global batch gets the same routing noise on any layout.
+3. In `on_before_optimizer_step` (once per optimizer step, after all gradient-accumulation micro-batches),
+   `commit_routing_warmup`: the warmup's staged logit moments, summed over ranks, update its statistics
+   and its step count (W counts accepted optimizer steps) only if the update is applied; then
    the aux-loss-free bias update (layers/expert_bias.py):
        c_LE = sum over micro-batches of the step and over all ranks (trainer.strategy.reduce, "sum")
        b_E <- b_E + rate * sign(mean(c) - c_E), centred
    Every rank reduces the same counts, so the bias stays identical on every rank.
    A step whose update the LossSpikeGuard rejected (the same decision on every rank) leaves the bias
-   unchanged too: a skipped step changes no state. Place this callback after the guard.
+   unchanged too, and so does the routing warmup: a skipped step changes no state, and its retry routes
+   like a clean step. `setup` refuses a callbacks list with this callback before the guard.
 
 Nothing happens for layers without warmup / bias, so it is safe to keep on by default.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
+from moe_plugin.data.sampler import GlobalOrderSampler
 from moe_plugin.layers.expert_bias import update_expert_bias
 from moe_plugin.layers.moe import moe_layers, moe_start_step
-from moe_plugin.lightning.callbacks.spike import update_rejected
+from moe_plugin.layers.routing_warmup import NoiseKeys, commit_routing_warmup, routing_warmups, set_noise_keys
+from moe_plugin.lightning.callbacks.spike import LossSpikeGuard, update_rejected
 
 
 class RouterUpdates(Callback):
-    def __init__(self, expert_bias_update_rate: float | None = None) -> None:
-        """expert_bias_update_rate: overrides every layer's own `expert_bias_update_rate` when set."""
+    def __init__(self, expert_bias_update_rate: float | None = None, seed: int | None = None) -> None:
+        """expert_bias_update_rate: overrides every layer's own `expert_bias_update_rate` when set.
+        seed: key of the routing-warmup noise (None: the seed given to seed_everything, else 0)."""
         if expert_bias_update_rate is not None and expert_bias_update_rate < 0:
             raise ValueError(
                 f"callbacks.router_updates.expert_bias_update_rate={expert_bias_update_rate} must be >= 0."
             )
         self.expert_bias_update_rate = expert_bias_update_rate
+        self.seed = seed
         self._step_open = False
+        self._micro_batch = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # update_rejected() is only valid after the guard's on_before_optimizer_step ran for this step
+        cbs = list(trainer.callbacks)
+        guards = [i for i, c in enumerate(cbs) if isinstance(c, LossSpikeGuard)]
+        if guards and any(c is self for c in cbs) and cbs.index(self) < guards[-1]:
+            raise ValueError(
+                "RouterUpdates is listed before LossSpikeGuard in the Trainer's callbacks, so it would update the "
+                "routing warmup and expert bias before the guard decides to reject a step. List the guard first "
+                "(conf/callbacks/default.yaml does: spike before router_updates)."
+            )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._step_open:
-            moe_start_step(pl_module, trainer.global_step)
+            moe_start_step(pl_module)
             self._step_open = True
+            self._micro_batch = 0
+        if routing_warmups(pl_module):
+            set_noise_keys(pl_module, self._noise_keys(trainer, batch))
+        self._micro_batch += 1
+
+    def _noise_keys(self, trainer: Trainer, batch: Any) -> NoiseKeys:
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, GlobalOrderSampler):
+            first = sampler.first_sample(self._micro_batch)
+        else:  # another sampler: contiguous shares in rank order assumed (exact per layout, not across layouts)
+            first_tensor = batch if isinstance(batch, torch.Tensor) else next(iter(_tensors(batch)), None)
+            bs = int(first_tensor.shape[0]) if first_tensor is not None and first_tensor.dim() else 1
+            first = (self._micro_batch * trainer.world_size + trainer.global_rank) * bs
+        strategy = trainer.strategy
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t, reduce_op="sum")
+
+        return NoiseKeys(seed=seed, first_sample=first, reduce=reduce if trainer.world_size > 1 else None)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._step_open = False
+        if routing_warmups(pl_module):
+            commit_routing_warmup(
+                pl_module,
+                accepted=not update_rejected(trainer),
+                reduce=(lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None,
+            )
         layers = [m for m in moe_layers(pl_module) if m.router.expert_bias_E is not None]
         if not layers or update_rejected(trainer):
             return
@@ -62,3 +111,13 @@ class RouterUpdates(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        return [t for b in batch for t in _tensors(b)]
+    return []

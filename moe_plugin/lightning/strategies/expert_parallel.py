@@ -58,6 +58,7 @@ from moe_plugin.parallel.checkpoint import (
     save_sharded,
     shard_file_name,
 )
+from moe_plugin.parallel.consensus import min_over_ranks
 from moe_plugin.parallel.grads import (
     broadcast_dense_states,
     clip_grad_norm_expert_parallel,
@@ -286,9 +287,8 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             n = len(dataloader)
         except TypeError:  # no length on any rank (same loader class everywhere): nothing to compare
             return dataloader
-        bounds = torch.tensor([n, -n], dtype=torch.int64)
-        torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MIN, group=self.consensus_group)
-        shortest, longest = int(bounds[0]), -int(bounds[1])
+        shortest, neg_longest = min_over_ranks([n, -n], group=self.consensus_group)
+        longest = -neg_longest
         if shortest == longest:
             return dataloader
         rank_zero_warn(

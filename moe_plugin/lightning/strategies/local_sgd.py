@@ -32,7 +32,6 @@ island writes the same consistent cut (the directory keeps the name of the reque
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -43,7 +42,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from moe_plugin.accelerators.lightning_accelerators import VendorDDPStrategy
@@ -52,11 +50,15 @@ from moe_plugin.lightning.callbacks.spike_detector import EWMAZScore
 from moe_plugin.lightning.events import append_event, events_path
 from moe_plugin.lightning.strategies.expert_parallel import ExpertParallelStrategy
 from moe_plugin.lightning.strategies.local_sgd_checkpoint import IslandCheckpoints
+from moe_plugin.lightning.strategies.local_sgd_sigterm import scope_sigterm_to_island
 from moe_plugin.parallel.islands import (
     IslandMesh,
     build_island_mesh,
     check_islands,
+    island_barrier,
+    island_broadcast_object,
     parse_expert_parallel_sizes,
+    parse_inner_backends,
     parse_islands,
 )
 from moe_plugin.parallel.outer import (
@@ -93,9 +95,11 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         weighting: str = "softmax",
         temperature: float = 1.0,
         clip_norm: float | None = None,
+        screen_per_step: bool = True,
         detector_alpha: float = 0.02,
         detector_warmup: int = 10,
         detector_threshold: float = 3.0,
+        inner_backend: str | list[str | None] | None = None,
         outer_backend: str = "gloo",
         bucket_mb: float = 64.0,
         average_buffers: bool = True,
@@ -115,7 +119,11 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
             weighting: softmax (exp(-norm / temperature), EDiT), uniform, or steps (local steps per island).
             temperature: T of the softmax weighting.
             clip_norm: clip each island's pseudo-gradient to this 2-norm before averaging (None: no clipping).
+            screen_per_step: the detector and the softmax see each island's norm rescaled to the mean local step
+                count, n_k * mean(H) / H_k (parallel/outer.py); equal to EDiT's raw norm when rounds are equal.
             detector_alpha, detector_warmup, detector_threshold: the EWMA z-score detector (warm-up in syncs).
+            inner_backend: backend of each island's own groups (DDP, expert all-to-all): one name for all, one per
+                island (e.g. [nccl, hccl]), or None for the world group's (process_group_backend).
             outer_backend: backend of the inter-island group (gloo: host memory, any mix of vendors).
             bucket_mb: size of the exchange buckets (bounds the extra memory of one sync).
             average_buffers: average floating-point buffers (e.g. the expert bias) over islands at each sync.
@@ -155,8 +163,12 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         self.sync_min_steps = int(sync_min_steps)
         self.outer_lr, self.outer_momentum, self.outer_nesterov = float(outer_lr), float(outer_momentum), outer_nesterov
         self.screening, self.weighting, self.temperature, self.clip_norm = screening, weighting, temperature, clip_norm
+        self.screen_per_step = bool(screen_per_step)
         self.detector_args = (float(detector_alpha), int(detector_warmup), float(detector_threshold))
         self.outer_backend = outer_backend
+        self.inner_backend = (
+            inner_backend if inner_backend is None or isinstance(inner_backend, str) else list(inner_backend)
+        )
         self.bucket_numel = max(1, int(bucket_mb * 2**20 / 4))
         self.average_buffers = average_buffers
         self.mesh: IslandMesh | None = None  # type: ignore[assignment]
@@ -184,14 +196,17 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         ep_sizes = parse_expert_parallel_sizes(self._ep_config, len(islands))
         module = self.lightning_module
         check_islands(islands, ep_sizes, [m.num_experts for m in moe_layers(module)] if module is not None else [])
+        inner = parse_inner_backends(self.inner_backend, len(islands))
         VendorDDPStrategy.setup_environment(self)  # the process group; not ExpertParallelStrategy's world mesh
         if self.mesh is not None:
             return
-        self.mesh = build_island_mesh(islands, ep_sizes, self._timeout, self._process_group_backend, self.outer_backend)
+        inner = [b or self._process_group_backend for b in inner]
+        self.mesh = build_island_mesh(islands, ep_sizes, self._timeout, inner, self.outer_backend)
         self.expert_parallel_size = self.mesh.expert_parallel_size
         self._ddp_kwargs["process_group"] = self.mesh.island_group  # DDP all-reduces inside the island only
         rank_zero_info(
-            f"local_sgd: {len(islands)} islands {islands}, EP {ep_sizes}, outer backend {self.outer_backend}, "
+            f"local_sgd: {len(islands)} islands {islands}, EP {ep_sizes}, inner backends {inner}, outer backend "
+            f"{self.outer_backend}, "
             + (
                 f"sync every {self.sync_every_steps} steps"
                 if not self.time_based
@@ -259,11 +274,9 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         self._t0 = time.monotonic()
         self._outer_from_params = False
         self._outer_ready = True
-        # Lightning broadcasts a SIGTERM flag from rank 0 over EVERY rank before each training batch (swallowing
-        # errors): across islands that would tie every step of every island together. Agree inside the island.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-            epoch_loop._broadcast_sigterm_tensor = functools.partial(self._island_sigterm, trainer)
+        # Lightning broadcasts a SIGTERM flag from rank 0 over EVERY rank before each training batch: across
+        # islands that ties their steps together (a deadlock with time-based rounds). Agree inside the island.
+        scope_sigterm_to_island(trainer, m, self.root_device, required=self.time_based)
         if not any(isinstance(cb, _OuterSync) for cb in trainer.callbacks):
             # last, after ModelCheckpoint: a save requested at a sync step is pending when the sync runs, which
             # then writes it at the synchronised state on every island
@@ -282,26 +295,15 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         )
 
     # -------------------------------------------------------------------- island-scoped collectives
-    def _island_sigterm(self, trainer: pl.Trainer) -> None:
-        """Lightning's per-batch SIGTERM agreement (training_epoch_loop._broadcast_sigterm_tensor), in the island."""
-        assert self.mesh is not None
-        flag = torch.tensor([1 if getattr(trainer, "received_sigterm", False) else 0], device=self.root_device)
-        if self.mesh.world_size > 1:
-            dist.broadcast(flag, src=self.mesh.global_ranks[0], group=self.mesh.island_group)
-        if flag.item() == 1:
-            raise SIGTERMException()
-
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if self.mesh is None or not dist.is_initialized():
             return super().barrier(*args, **kwargs)
-        dist.barrier(group=self.mesh.island_group)
+        island_barrier(self.mesh)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if self.mesh is None or not dist.is_initialized():
             return super().broadcast(obj, src)
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.mesh.global_ranks[src], group=self.mesh.island_group)
-        return box[0]
+        return island_broadcast_object(obj, src, self.mesh)
 
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         return super().reduce(tensor, group=group if group is not None else self.consensus_group, reduce_op=reduce_op)
@@ -368,6 +370,7 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
             self.weighting,
             self.temperature,
             self.clip_norm,
+            self.screen_per_step,
         )
         if decision.any_accepted:
             factors = [decision.factors[k] if o else 0.0 for o in self._owned]
@@ -446,6 +449,7 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
             steps=steps,
             seconds=[round(s, 3) for s in seconds],
             norms=[round(n, 6) for n in d.norms],
+            scored=[round(n, 6) for n in d.scored],
             weights=[round(w, 6) for w in d.weights],
             **common,
         )

@@ -36,10 +36,23 @@ from moe_plugin.parallel.checkpoint import (
 from moe_plugin.parallel.islands import parse_expert_parallel_sizes
 from moe_plugin.parallel.outer import all_gather_objects, sum_over_group
 
-PREFIX_SYNCED = "_local_sgd.synced."
-PREFIX_MOMENTUM = "_local_sgd.momentum."
+OUTER_PREFIX = "_local_sgd."
+PREFIX_SYNCED = OUTER_PREFIX + "synced."
+PREFIX_MOMENTUM = OUTER_PREFIX + "momentum."
 META_KEY = "local_sgd"
 EXTRA_FILES_KEY = "moe_plugin_extra_files"  # files of P that checkpoint validation must also find intact
+
+
+def drop_outer_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A copy of `checkpoint` without local_sgd's outer state: the `_local_sgd.*` state-dict entries (synchronised
+    weights, outer momentum), the `local_sgd` key and the island file list. What remains is island 0's model and
+    inner optimizer state as a plain checkpoint, which loads with strict=True under any strategy (used by
+    `moe-plugin ckpt consolidate`; HF export reads only `model.*` entries anyway). Returns (copy, entries dropped).
+    """
+    out = {k: v for k, v in checkpoint.items() if k not in (META_KEY, EXTRA_FILES_KEY)}
+    state = checkpoint.get("state_dict", {})
+    out["state_dict"] = {k: v for k, v in state.items() if not k.startswith(OUTER_PREFIX)}
+    return out, len(state) - len(out["state_dict"])
 
 
 def island_dir(path: str | Path, island: int) -> Path:
@@ -190,7 +203,7 @@ class IslandCheckpoints:
         expert_params = self._expert_params() if meta is not None else self.plan.expert_params
         ckpt = load_for_rank(path, expert_params, self._optimizer_names(), load_file)
         state = ckpt["state_dict"]
-        self._loaded_outer = {k: state.pop(k) for k in list(state) if k.startswith("_local_sgd.")}
+        self._loaded_outer = {k: state.pop(k) for k in list(state) if k.startswith(OUTER_PREFIX)}
         self._loaded_meta = meta
         return ckpt
 

@@ -288,6 +288,30 @@ def test_combine_gradients_match_reference_unpermute():
     torch.testing.assert_close(w1.grad, w2.grad, **TOL)
 
 
+@pytest.mark.parametrize("need", ["both", "y", "probs"])
+def test_dropless_combine_backward_over_several_blocks_matches_reference(need):
+    # 1100 tokens x top-3 = 3300 copies: more than one block of the gather-only backward (2048 rows)
+    from moe_plugin.layers.permute import permute, unpermute, unpermute_reference
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1100, 8, generator=gen)
+    ids = torch.randint(0, 5, (1100, 3), generator=gen)
+    p = permute(x, ids, 5)
+    assert p.state.dropless
+    y1 = torch.randn(3300, 8, generator=gen).requires_grad_(need in ("both", "y"))
+    w1 = torch.rand(1100, 3, generator=gen).requires_grad_(need in ("both", "probs"))
+    y2, w2 = y1.detach().clone().requires_grad_(y1.requires_grad), w1.detach().clone().requires_grad_(w1.requires_grad)
+    g = torch.randn(1100, 8, generator=gen)
+    out1, out2 = unpermute(y1, w1, p.state), unpermute_reference(y2, w2, p.state)
+    torch.testing.assert_close(out1, out2, **TOL)
+    out1.backward(g)
+    out2.backward(g)
+    for a, b in ((y1, y2), (w1, w2)):
+        assert (a.grad is None) == (not a.requires_grad)
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
 def test_routing_stats_are_references_and_computed_on_read():
     from moe_plugin.layers.losses import router_entropy
 

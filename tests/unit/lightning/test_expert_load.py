@@ -132,15 +132,15 @@ def test_routing_warmup_follows_optimizer_steps_not_micro_batches(tmp_path):
     seen = []
     orig = model.moe1.router.warmup.forward
 
-    def spy(logits):
+    def spy(logits, *args):
         seen.append(model.moe1.router.warmup.blend())
-        return orig(logits)
+        return orig(logits, *args)
 
     model.moe1.router.warmup.forward = spy
     trainer = _trainer(tmp_path, [RouterUpdates()], max_steps=5, accumulate=2)
     trainer.fit(model, DataLoader(batches, batch_size=None))
     assert seen == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
-    assert int(model.moe1.router.warmup.step) == 4
+    assert int(model.moe1.router.warmup.step) == 5  # 5 accepted optimizer steps
 
 
 def test_bad_callback_arguments():

@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from moe_plugin.lightning.callbacks.spike_detector import EWMAZScore
-from moe_plugin.parallel.islands import check_islands, parse_expert_parallel_sizes, parse_islands
+from moe_plugin.parallel.islands import (
+    check_islands,
+    parse_expert_parallel_sizes,
+    parse_inner_backends,
+    parse_islands,
+)
 from moe_plugin.parallel.mesh import LayoutError
-from moe_plugin.parallel.outer import global_weighted_sum, make_slots, outer_sgd_step, screen
+from moe_plugin.parallel.outer import global_weighted_sum, make_slots, outer_sgd_step, screen, step_normalised
 
 
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.8, True), (0.9, False)])
@@ -41,9 +46,13 @@ def test_outer_lr_one_no_momentum_gives_the_average() -> None:
 
 def test_screen_weights_softmax_uniform_steps_and_clip() -> None:
     norms, steps = [1.0, 2.0, 4.0], [3, 3, 6]
-    d = screen(norms, steps, None, "softmax", temperature=1.0)
+    d = screen(norms, steps, None, "softmax", temperature=1.0, per_step=False)  # EDiT on the raw norms
     e = [math.exp(-n) for n in norms]
     assert d.weights == pytest.approx([x / sum(e) for x in e])
+    r = [n * 4 / h for n, h in zip(norms, steps)]  # mean H = 4: norms rescaled to 4 steps
+    e = [math.exp(-x / 2.0) for x in r]
+    d = screen(norms, steps, None, "softmax", temperature=2.0)
+    assert d.scored == pytest.approx(r) and d.weights == pytest.approx([x / sum(e) for x in e])
     assert screen(norms, steps, None, "uniform").weights == pytest.approx([1 / 3] * 3)
     assert screen(norms, steps, None, "steps").weights == pytest.approx([0.25, 0.25, 0.5])
     c = screen(norms, steps, None, "uniform", clip_norm=2.0)
@@ -51,6 +60,18 @@ def test_screen_weights_softmax_uniform_steps_and_clip() -> None:
     assert c.factors == pytest.approx([1 / 3, 1 / 3, 1 / 6])
     with pytest.raises(ValueError, match="strategy.weighting"):
         screen(norms, steps, None, "mean")
+
+
+def test_step_normalised_screen_equals_edit_for_equal_rounds_and_does_not_starve_a_fast_island() -> None:
+    norms = [3.0, 1.0, 2.5]
+    assert step_normalised(norms, [5, 5, 5]) == norms  # step-based rounds: EDiT's rule unchanged
+    same = screen(norms, [5, 5, 5], None, "softmax")
+    assert same.weights == pytest.approx(screen(norms, [5, 5, 5], None, "softmax", per_step=False).weights)
+    # time-based rounds: the fast island took 3x the steps and moved 3x as far; per step both moved alike
+    fast_slow = ([3.0, 1.0], [15, 5])
+    assert screen(*fast_slow, None, "softmax", per_step=False).weights[0] == pytest.approx(1 / (1 + math.e**2))
+    assert screen(*fast_slow, None, "softmax").weights == pytest.approx([0.5, 0.5])
+    assert step_normalised([2.0, 0.0, 3.0], [4, 0, 2]) == [1.5, 0.0, 4.5]  # an island without steps keeps its norm
 
 
 def test_screen_rejects_an_anomalous_island_and_keeps_it_out_of_the_statistics() -> None:
@@ -64,6 +85,15 @@ def test_screen_rejects_an_anomalous_island_and_keeps_it_out_of_the_statistics()
     assert dets[1].state_dict() == before  # the rejected norm did not widen island 1's band
     nan = screen([float("nan"), float("nan")], [4, 4], dets, "softmax")
     assert not nan.any_accepted and nan.factors == [0.0, 0.0]
+
+
+def test_detector_sees_per_step_norms_so_a_longer_round_is_not_an_anomaly() -> None:
+    dets = [EWMAZScore(alpha=0.1, warmup_steps=5, threshold=3.0) for _ in range(2)]
+    for i in range(10):  # island 0 alternates 10 and 30 local steps, moving the same distance per step
+        h0 = 10 if i % 2 else 30
+        assert all(screen([0.1 * h0, 0.5], [h0, 5], dets, "softmax").accepted)
+    d = screen([0.1 * 30 * 40, 0.5], [30, 5], dets, "softmax")  # 40x the usual movement per step: rejected
+    assert d.accepted == [False, True]
 
 
 def test_global_weighted_sum_single_process_lays_experts_by_global_id() -> None:
@@ -89,3 +119,11 @@ def test_parse_islands_and_errors() -> None:
         parse_expert_parallel_sizes([1, 2], 3)
     with pytest.raises(LayoutError, match=r"island 1 \(ranks \[2\]\).*expert_parallel_size=2 is larger"):
         check_islands([[0, 1], [2]], [2, 2], [4])
+
+
+def test_parse_inner_backends() -> None:
+    assert parse_inner_backends(None, 2) == [None, None]
+    assert parse_inner_backends("gloo", 3) == ["gloo"] * 3
+    assert parse_inner_backends(["nccl", None], 2) == ["nccl", None]
+    with pytest.raises(LayoutError, match=r"strategy.inner_backend=\['nccl'\] lists 1 backends for 2 islands"):
+        parse_inner_backends(["nccl"], 2)
