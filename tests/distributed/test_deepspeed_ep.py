@@ -209,5 +209,11 @@ def test_rejected_update_is_skipped_like_one_process(runs: dict) -> None:
         assert [e["event"] for e in _spike_events(z)][:1] == ["retry"], _spike_events(z)
         got = z.rows()
         assert len(got) == len(want)
-        for w, g in zip(want, got):
-            assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (stage, w, g)
+        for i, (w, g) in enumerate(zip(want, got)):
+            assert w["step"] == g["step"], (stage, w, g)
+            if i and w["loss"] > 2 * want[i - 1]["loss"]:
+                # the spiked attempt itself: its noise is drawn per rank for the rank's rows, so its value depends
+                # on the layout; what must match is everything after it (the update was skipped or not)
+                assert g["loss"] > 2 * got[i - 1]["loss"], (stage, w, g)
+                continue
+            assert abs(g["loss"] - w["loss"]) <= ATOL, (stage, w, g)
