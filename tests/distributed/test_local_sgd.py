@@ -171,7 +171,9 @@ def test_killed_island_then_resume_auto(tmp: Path, edit_run: Run) -> None:
     K = train(tmp, "K", 2, None, strategy=EDIT, extra=kill)
     assert K.returncode != 0, "the surviving island must exit, not finish"
     assert K.seconds < 240
+    # islands are not elastic: the survivor ends with a clear error saying what to do (docs/islands.md)
     assert "local_sgd: island 0" in K.output and "stops" in K.output, K.output[-3000:]
+    assert "resume all islands from the last checkpoint" in K.output, K.output[-3000:]
     assert check_checkpoint(folder / "checkpoints" / "step000010.ckpt").valid
     again = _ok(train(tmp, "K", 2, None, strategy=EDIT, extra=kill))  # the kill fires once per run folder
     assert "resuming from" in again.output
