@@ -25,10 +25,13 @@ Sharded data parallelism (S > 1, see sharding.py) adds two torch DeviceMeshes ov
     expert mesh  [EP, ER, ES] rank = (er * ES + es) * EP + ep    experts: fully_shard over (ER, ES) of
                                                                  their own ep coordinate ("efsdp")
 
-ES = S / EP when EP divides S (torchtitan carves EP out of the shard axis: an expert group and its
-expert-shard groups all lie inside one dense shard group), else 1 (experts replicated over DP, as with
-S = 1). The expert coordinates keep dp_rank = er * ES + es = rank // EP, so the all-to-all groups and
-the checkpoint's expert ranges are those of the S = 1 layout.
+ES = DP whenever S > 1: every expert is fully sharded over all its expert-data-parallel ranks (ER = 1),
+as issue 10 asks, so expert weights, gradients and Adam moments cost 16 B x P_experts / W per rank
+whatever the split between EP and S. (torchtitan carves EP out of the shard axis, ES = S / EP, which
+leaves experts replicated when EP = S: EP 2 x S 2 would keep the experts' whole state on both DP ranks.)
+With S = 1 the experts stay replicated over DP (DDP, ES = 1, ER = DP). The expert coordinates keep
+dp_rank = er * ES + es = rank // EP, so the all-to-all groups and the checkpoint's expert ranges are
+those of the S = 1 layout.
 
 The groups are created with an explicit timeout so a dead peer turns into an error instead of a hang.
 `torch.distributed.new_group` is collective over the whole world: every rank creates every group in
@@ -125,7 +128,7 @@ class ExpertParallelMesh:
     @property
     def expert_shard_size(self) -> int:
         """ES: over how many of its DP replicas each expert is fully sharded."""
-        return expert_shard_size(self.expert_parallel_size, self.data_parallel_shard_size)
+        return expert_shard_size(self.world_size, self.expert_parallel_size, self.data_parallel_shard_size)
 
     @property
     def expert_replicate_size(self) -> int:
@@ -170,10 +173,11 @@ class ExpertParallelMesh:
         )
 
 
-def expert_shard_size(expert_parallel_size: int, data_parallel_shard_size: int) -> int:
-    """ES = S / EP when EP divides S, else 1 (see the module docstring)."""
-    ep, s = expert_parallel_size, data_parallel_shard_size
-    return s // ep if s % ep == 0 else 1
+def expert_shard_size(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> int:
+    """ES: DP = W / EP when the dense part is sharded (S > 1), else 1 (see the module docstring).
+
+    The one rule for the mesh, sharding.py and the planner (parallel/plan.py)."""
+    return world_size // expert_parallel_size if data_parallel_shard_size > 1 else 1
 
 
 def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Tensor:
@@ -184,7 +188,7 @@ def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Te
 def expert_mesh_ranks(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> torch.Tensor:
     """[EP, ER, ES] grid of ranks: rank = (er * ES + es) * EP + ep."""
     ep = expert_parallel_size
-    es = expert_shard_size(ep, data_parallel_shard_size)
+    es = expert_shard_size(world_size, ep, data_parallel_shard_size)
     er = world_size // ep // es
     return torch.arange(world_size).reshape(er, es, ep).permute(2, 0, 1).contiguous()
 

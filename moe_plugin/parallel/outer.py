@@ -36,7 +36,7 @@ replica of each value contributes (the rank that "owns" it in its island); the o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,21 +83,25 @@ def make_slots(named: Sequence[tuple[str, torch.Tensor]], expert_params: dict[st
 @torch.no_grad()
 def global_weighted_sum(
     slots: Sequence[Slot],
-    local: Sequence[torch.Tensor],
+    local: Sequence[torch.Tensor | Callable[[], torch.Tensor]],
     factor: float | Sequence[float],
     group: dist.ProcessGroup | None,
     device: torch.device | str = "cpu",
     bucket_numel: int = 1 << 24,
+    consume: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """sum over the ranks r of `group` of factor_r * local_r, laid out globally, sliced back to this rank's rows.
 
     `factor` is one float, or one per slot. A rank passes factor 0 for values it does not own (replicas), so
-    each value is counted once per island.
-    Buckets of at most `bucket_numel` global elements (at least one tensor) bound the extra memory.
-    Returns float32 tensors on `device` shaped like `local`.
+    each value is counted once per island. A `local` entry may be a zero-argument callable: it is called only
+    when its bucket is filled and its factor is not 0, so a pseudo-gradient need not exist for the whole model
+    at once. Buckets of at most `bucket_numel` global elements (at least one tensor) bound the extra memory.
+    Returns float32 tensors on `device` shaped like this rank's rows; with `consume`, each result is handed to
+    `consume(slot_index, tensor)` as soon as its bucket is reduced instead (and [] is returned), so the extra
+    memory of a whole exchange stays one bucket plus one tensor.
     """
     factors = [float(factor)] * len(slots) if isinstance(factor, (int, float)) else [float(f) for f in factor]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(slots)
+    out: list[torch.Tensor] = []
     i = 0
     while i < len(slots):
         j, total = i, 0
@@ -110,6 +114,7 @@ def global_weighted_sum(
             view = flat[offset : offset + s.global_numel].view(s.global_shape)
             if f != 0.0:
                 rows = view if not s.global_shape else view[s.start : s.stop]
+                t = t() if callable(t) else t
                 rows.copy_(t.detach().to(device=device, dtype=torch.float32).reshape(rows.shape)).mul_(f)
             views.append(view)
             offset += s.global_numel
@@ -117,7 +122,11 @@ def global_weighted_sum(
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         for k, (s, view) in enumerate(zip(slots[i:j], views)):
             rows = view if not s.global_shape else view[s.start : s.stop]
-            out[i + k] = rows.reshape(local[i + k].shape).clone()
+            result = rows.reshape(s.stop - s.start, *s.global_shape[1:]) if s.global_shape else rows.reshape(())
+            if consume is not None:
+                consume(i + k, result)
+            else:
+                out.append(result.clone())
         i = j
     return out
 

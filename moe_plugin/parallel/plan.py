@@ -9,9 +9,9 @@ V vocabulary, N = T * K * imbalance routed copies computed by one rank's experts
 Where each parameter lives (docs/parallelism.md, SCALE-NOTES):
     dense (attention, norms, routers, shared experts, embedding, head): 1/S of it per rank, or all of it
         when S = 1 (today's DDP layout, replicated on every rank);
-    routed experts: E/EP experts per rank, fully sharded over ES = S/EP of their expert-data-parallel
-        ranks when EP divides S > 1 (EP carved out of the shard axis, torchtitan's "efsdp"), replicated
-        over the others (parallel/mesh.py); replicated over all W/EP when S = 1 or EP does not divide S.
+    routed experts: E/EP experts per rank, fully sharded over ES = EDP = W/EP expert-data-parallel ranks
+        when S > 1 (ER = 1), replicated over all W/EP when S = 1 (the rule of parallel/mesh.py's
+        expert_shard_size, which this model calls).
 
 Bytes per local parameter (precision):                    32-true  bf16-mixed  bf16-true
     parameters (fp32 master or the weights themselves)     4        4           2
@@ -22,12 +22,16 @@ Bytes per local parameter (precision):                    32-true  bf16-mixed  b
 
 Peak per rank = persistent + the largest of three phases, with
     persistent      = parameters + optimizer + DDP buckets (+ gradients when micro-batches accumulate)
-    forward end     = saved activations + logits + compute copies + FSDP gather buffers + all-to-all
+    forward end     = saved activations + logits + compute copies + all-to-all
                       + the previous step's gradients (Lightning zeroes them after training_step)
     backward start  = saved activations + logits working set + backward workspace + compute copies
-                      + FSDP gather buffers (two units unsharded: current + prefetched, and one unit's
-                      unsharded gradient) + all-to-all buffers + the LM head's gradient (produced first)
+                      + all-to-all buffers + the LM head's gradient (produced first)
+    backward blocks = (S > 1) saved activations + compute copies + FSDP gather buffers (the prefetched unit
+                      and one unit's unsharded gradient) + backward workspace + all-to-all
     optimizer step  = gradients + AdamW's temporary sqrt(v) (all parameters with foreach, else one tensor).
+With S > 1 the compute copies are the head and the last block (with its experts), whole from the end of the
+forward to the start of the backward (parallel/sharding.py does not reshard them); a unit is one block's
+dense parameters plus its E/EP experts, unsharded.
 Backward trades saved activations for gradients about layer by layer, so its peak is at one end.
 
 Saved activations per block (what autograd keeps between forward and backward, bytes; a activation
@@ -47,8 +51,9 @@ Step time for one micro-batch on every rank (no pipeline; communication from rin
     compute   = FLOPs/token * T * recompute / (peak * mfu)
     all2all   = 4 * MoE layers * N*D*a * (EP-1)/EP / bw(EP)            (dispatch + combine, fwd + bwd;
                                                                         on the critical path)
-    fsdp      = (2*cb + rb) * P_unit * (g-1)/g / bw(g) for the dense (g=S) and expert (g=efsdp) units
-    allreduce = 2 * rb * P_local * (g-1)/g / bw(g) over replicas, once per optimizer step
+    fsdp      = (2*cb + rb) * P_unit * (g-1)/g / bw(span) for the dense (g=S, span S) and expert (g=ES,
+                span ES*EP: an expert shard group strides over the expert groups) units
+    allreduce = 2 * rb * P_local * (g-1)/g / bw(g) over replicas (R dense, ER experts), once per step
     time      = max(compute, fsdp + allreduce / accumulation) + all2all
 FSDP and DDP traffic overlap compute (prefetch, bucketing); the token all-to-all does not. A group
 stays on the fast intra-node links when its ranks span at most one node (EP innermost, then shard,
@@ -71,6 +76,7 @@ from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.models.inspect import count_parameters, flops_per_token
+from moe_plugin.parallel.mesh import expert_shard_size
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -218,9 +224,8 @@ class Layout:
 
     @property
     def expert_shard(self) -> int:
-        """ES: ranks each local expert block is split over, as parallel/mesh.py lays them out: S / EP when EP
-        divides S (EP carved out of the shard axis, torchtitan's efsdp), else 1 (experts replicated)."""
-        return self.shard // self.ep if self.shard > 1 and self.shard % self.ep == 0 else 1
+        """ES: ranks each local expert block is split over (parallel/mesh.py's rule, not a copy of it)."""
+        return expert_shard_size(self.world, self.ep, self.shard)
 
     @property
     def sharded(self) -> bool:
@@ -314,11 +319,13 @@ def memory(
     if L.sharded:
         unit = shape.block_dense_params + shape.block_expert_params / L.ep
         extra_reduce = p.reduce if p.reduce != p.compute else 0
-        # root (embedding, norm, head) stays unsharded through forward and backward (FSDP2 keeps the root
-        # gathered); per block: the current and the prefetched unit, and one unit's unsharded gradient
-        # (plus its fp32 copy for the reduce-scatter); the root's own gradient is `head_gradient`
-        t["compute_copies"] = (shape.root_params + 2 * unit) * p.compute
-        t["gather_buffers"] = unit * (p.compute + extra_reduce)
+        # whole at the end of the forward and the start of the backward (sharding.py): the head (its own unit,
+        # not resharded after forward; the embedding is) and the last block with its experts (not resharded
+        # either); while backward goes through the blocks: one more unit (the prefetched one) and one unit's
+        # unsharded gradient (plus its copy in the reduce dtype when that differs). The head's gradient is
+        # `head_gradient`. Untied embedding and head assumed (tied ones stay in the root, whole all step).
+        t["compute_copies"] = (shape.head_params + unit) * p.compute
+        t["gather_buffers"] = unit * (2 * p.compute + extra_reduce)
     else:
         t["compute_copies"] = (local - (V * D if V else 0)) * 2 if autocast else 0.0
         t["gather_buffers"] = 0.0
@@ -360,7 +367,7 @@ def memory(
     accumulating = accumulation > 1
     persistent = t["parameters"] + t["optimizer"] + t["ddp_buckets"] + (t["gradients"] if accumulating else 0)
     grads = 0.0 if accumulating else t["gradients"]
-    common = t["activations"] + t["compute_copies"] + t["gather_buffers"] + t["all_to_all"]
+    common = t["activations"] + t["compute_copies"] + t["all_to_all"]
     phases = {
         # Lightning's closure zeroes gradients after training_step, before backward: the previous step's
         # gradients are still allocated at the end of the forward
@@ -368,6 +375,10 @@ def memory(
         "backward start": common + t["logits"] + t["backward_workspace"] + t["head_gradient"],
         "optimizer step": grads + t["optimizer_step_temp"],
     }
+    if L.sharded:  # the logits' working set is gone once the head's backward is done; FSDP's buffers come
+        phases["backward blocks"] = common + t["gather_buffers"] + t["backward_workspace"]
+    else:
+        phases["backward start"] += t["gather_buffers"]
     t.update({f"activations.{k}": v for k, v in blocks.items()})
     return MemoryEstimate(t, persistent, phases)
 
@@ -414,10 +425,15 @@ def step_time(
         fsdp += per_pass * shape.dense_params * (g - 1) / g / net.bandwidth(g)
         ge = L.expert_shard
         if ge > 1:
-            fsdp += per_pass * (shape.expert_params / L.ep) * (ge - 1) / ge / net.bandwidth(L.shard)
+            span = ge * L.ep  # rank = es * EP + ep: the group strides over the expert groups
+            fsdp += per_pass * (shape.expert_params / L.ep) * (ge - 1) / ge / net.bandwidth(span)
+        er = L.edp // ge
         if L.replicate > 1:
-            local = shape.dense_params / L.shard + shape.expert_params / L.ep / ge
+            local = shape.dense_params / L.shard
             allreduce = 2 * p.reduce * local * (L.replicate - 1) / L.replicate / net.bandwidth(L.world)
+        if er > 1:
+            local = shape.expert_params / L.ep / ge
+            allreduce += 2 * p.reduce * local * (er - 1) / er / net.bandwidth(L.world)
     else:
         w, edp = L.world, L.edp
         if w > 1:

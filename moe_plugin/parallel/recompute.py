@@ -11,14 +11,15 @@ checkpoints, expert-parallel plans and FSDP2 keep working; apply it before fully
 does) by torch.utils.checkpoint (non-reentrant) around the original forward.
 
 Recomputation routes exactly as the first forward did:
-- random numbers (router jitter, a routing-warmup draw from torch's generator): torch's checkpoint saves
-  and restores the RNG state (preserve_rng_state=True), so the same noise is drawn again;
-- module state changed by a forward (routing-warmup statistics, expert-bias buffers, the MoE layer's
+- random numbers (router jitter): torch's checkpoint saves and restores the RNG state
+  (preserve_rng_state=True), so the same noise is drawn again; the routing-warmup noise is a hash of its
+  keys (layers/routing_warmup.py), the same in any forward;
+- module state changed by a forward (staged routing-warmup moments, expert-bias buffers, the MoE layer's
   last_losses / aux_loss / total_copies / total_dropped counters): before recomputing, the buffers and
   public attributes of the checkpointed module are set to what they were when the first forward ended,
   and afterwards back to what they were before recomputing. The recomputation thus sees the statistics
-  the first forward used (the routing warmup updates its statistics before drawing its noise and skips
-  the update when called inside backward, layers/routing_warmup.py), and nothing it counts or updates
+  the first forward used (the routing warmup stages its moments only outside backward and reuses the
+  first forward's step-0 moments, layers/routing_warmup.py), and nothing it counts or updates
   survives it: a statistic changes once per forward.
 - collectives inside the module (the all-to-all, router-count all-reduce, FSDP2 all-gathers) run again
   in backward, in the same order on every rank (every rank recomputes the same modules).

@@ -7,6 +7,8 @@ What is wrapped, innermost first (torchtitan's order, FSDP2's `fully_shard`; no 
 
     every MoE layer's experts   fully_shard(mesh = (ER, ES) of this rank's ep coordinate)   "efsdp"
     every decoder block          fully_shard(mesh = (R, S))                                  HSDP when R > 1
+    the embedding, the head      fully_shard((R, S)) each (children of the root with >= 64K parameters,
+                                 untied): whole only while used, not for the root's whole step
     the root                     fully_shard((R, S)); for a LightningModule (children_as_roots) each child
                                  holding parameters, e.g. its `model`, is a root
 
@@ -37,6 +39,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import Shard
 
 from moe_plugin.layers.moe import moe_layers
+from moe_plugin.parallel.fsdp_comms import AllReduceAllGather, AllReduceReduceScatter, use_all_reduce
 from moe_plugin.parallel.mesh import ExpertParallelMesh
 
 # trainer.precision -> dtype of the parameters used for compute (None: full precision, no policy)
@@ -74,7 +77,13 @@ class ShardingPlan:
     mesh: ExpertParallelMesh
     expert_modules: list[str] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
+    edges: list[str] = field(default_factory=list)  # embedding / head units of their own
     roots: list[str] = field(default_factory=list)
+
+
+# a root's child this large (the embedding, the head) becomes an FSDP unit of its own; smaller ones (the final
+# norm) stay with the root: one more collective each would cost more than the memory it frees
+EDGE_MIN_PARAMS = 1 << 16
 
 
 def decoder_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -105,11 +114,13 @@ def apply_sharded_data_parallel(
     offload_optimizer: bool = False,
     reshard_after_forward: bool = True,
     children_as_roots: bool = False,
+    comms: str = "auto",
 ) -> ShardingPlan:
     """fully_shard the experts, the blocks and the root(s) of `module` in place (idempotent).
 
     children_as_roots: `module` is not called itself (a LightningModule, whose training_step calls
     self.model): each child holding parameters becomes a root instead of `module`.
+    comms: "auto" (all_reduce-based all-gather / reduce-scatter on gloo, fsdp_comms.py), "native" or "all_reduce".
     """
     if not mesh.sharded:
         raise ValueError("apply_sharded_data_parallel needs strategy.data_parallel_shard_size > 1.")
@@ -119,18 +130,25 @@ def apply_sharded_data_parallel(
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=False) if offload_optimizer else OffloadPolicy()
     names = {id(m): n for n, m in module.named_modules()}
     expert_mesh = mesh.expert_fsdp_mesh()
-    for layer in moe_layers(module):
+    via_all_reduce = use_all_reduce(comms, mesh.dense_mesh.get_group("dp_shard"))
+
+    def shard(m: nn.Module, **kwargs: object) -> None:
+        fully_shard(m, mp_policy=mp, offload_policy=offload, **kwargs)  # type: ignore[arg-type]
+        if via_all_reduce:
+            m.set_custom_all_gather(AllReduceAllGather())  # type: ignore[operator]
+            m.set_custom_reduce_scatter(AllReduceReduceScatter())  # type: ignore[operator]
+
+    layers = moe_layers(module)
+    for j, layer in enumerate(layers):
         experts = layer.experts
         plan.expert_modules.append(names[id(experts)])
         if isinstance(experts, FSDPModule):
             continue
-        fully_shard(
+        shard(
             experts,
             mesh=expert_mesh,
-            reshard_after_forward=reshard_after_forward,
-            shard_placement_fn=_expert_placement(mesh.expert_shard_size),  # type: ignore[arg-type]
-            mp_policy=mp,
-            offload_policy=offload,
+            reshard_after_forward=reshard_after_forward and j < len(layers) - 1,
+            shard_placement_fn=_expert_placement(mesh.expert_shard_size),
         )
         # FSDP divides by its own group size DP; the expert rule divides the DP-sum by W (see above). Sum, then
         # divide: a factor other than the shard group's size would otherwise need NCCL's PREMUL_SUM (gloo has none)
@@ -139,21 +157,42 @@ def apply_sharded_data_parallel(
         # copied gradient by the factor AND post-divides it again under force-sum (W^2), and needs no PREMUL_SUM.
         if mesh.expert_shard_size > 1:
             experts.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
-    for name, block in decoder_blocks(module):
+    blocks = decoder_blocks(module)
+    for i, (name, block) in enumerate(blocks):
         plan.blocks.append(name)
         if not isinstance(block, FSDPModule):
-            fully_shard(
+            shard(
                 block,
                 mesh=mesh.dense_mesh,
-                reshard_after_forward=reshard_after_forward,
-                mp_policy=mp,
-                offload_policy=offload,
+                # the last block is the first one backward needs: resharding it after forward would only add
+                # an all-gather (torchtitan keeps it unsharded too); its experts likewise
+                reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
             )
+
+    def edges(root: nn.Module, prefix: str) -> None:
+        """The root's large leaf children (input embedding, output head) as units of their own (torchtitan's
+        tok_embeddings and output): the embedding is resharded after forward and the head after its backward,
+        instead of both staying whole until the root's backward ends."""
+        shared = _shared_parameter_ids(root)
+        for name, child in root.named_children():
+            params = list(child.parameters())
+            if (
+                isinstance(child, (FSDPModule, nn.ModuleList, nn.ModuleDict))
+                or sum(p.numel() for p in params) < EDGE_MIN_PARAMS
+                or any(isinstance(m, FSDPModule) for m in child.modules())  # holds blocks or experts
+                or any(id(p) in shared for p in params)  # tied embedding and head: one unit (the root)
+            ):
+                continue
+            plan.edges.append(f"{prefix}{name}")
+            # the embedding is not used again until the end of backward; the head is the first thing backward needs
+            shard(child, mesh=mesh.dense_mesh, reshard_after_forward=reshard_after_forward and _is_input(child))
+
     if not children_as_roots:
         plan.roots.append("")
+        edges(module, "")
         if not isinstance(module, FSDPModule):
             # the root: its forward starts FSDP's lazy init and queues the end-of-backward wait
-            fully_shard(module, mesh=mesh.dense_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+            shard(module, mesh=mesh.dense_mesh, reshard_after_forward=False)
         return plan
     if any(True for _ in module.parameters(recurse=False)):
         raise ValueError(
@@ -169,8 +208,24 @@ def apply_sharded_data_parallel(
                 "parallelism needs the LightningModule's parameters inside modules it calls (e.g. self.model)."
             )
         plan.roots.append(name)
-        fully_shard(child, mesh=mesh.dense_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+        edges(child, f"{name}.")
+        shard(child, mesh=mesh.dense_mesh, reshard_after_forward=False)
     return plan
+
+
+def _is_input(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+def _shared_parameter_ids(root: nn.Module) -> set[int]:
+    """ids of parameters that two direct children of `root` both hold (tied weights)."""
+    seen: dict[int, str] = {}
+    shared: set[int] = set()
+    for name, child in root.named_children():
+        for p in child.parameters():
+            if seen.setdefault(id(p), name) != name:
+                shared.add(id(p))
+    return shared
 
 
 def is_sharded(module: nn.Module) -> bool:

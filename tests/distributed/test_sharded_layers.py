@@ -5,9 +5,9 @@ compares, step by step: the global loss, balance loss and z-loss, the parameters
 (gathered from the FSDP shards) and the Adam moments. Gradient clipping by the global norm is active
 (max_norm below the gradient norm), so the clipping coefficient is checked too.
 
-Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over ES = S / EP), (EP 4 x S 2) on
-4 ranks (EP does not divide S: experts replicated), (EP 1 x S 2) on 2 ranks, and (EP 2 x S 2) with
-activation checkpointing of every block.
+Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over their ES = W / EP
+expert-data-parallel ranks), (EP 4 x S 2) on 4 ranks (EP = W: one copy of each expert, ES = 1), (EP 1 x S 2)
+on 2 ranks, and (EP 2 x S 2) with activation checkpointing of every block.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard)
     plan = apply_expert_parallel(model, mesh)
-    apply_sharded_data_parallel(model, mesh)
+    sharding = apply_sharded_data_parallel(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     names = [n for n, _ in model.named_parameters()]
     assert names == [n for n, _ in ref.named_parameters()]
@@ -67,6 +67,11 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
     # the dense part is really sharded: this rank holds about 1/S of each block's dense parameters
     block_attn = model.layers[0].attention.q_proj.weight
     assert block_attn.to_local().numel() * shard == block_attn.numel()
+    # experts are fully sharded over all their expert-data-parallel ranks (ER = 1)
+    assert mesh.expert_shard_size == world // ep and mesh.expert_replicate_size == 1
+    w_up = model.layers[1].ffn.experts.w_up_EDF
+    assert w_up.to_local().numel() * (world // ep) == w_up.numel()
+    assert sharding.edges == [] and sharding.roots == [""]  # embedding / head below EDGE_MIN_PARAMS: in the root
 
     for step in range(STEPS):
         torch.manual_seed(100 + step)
@@ -130,3 +135,24 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
 def test_sharded_equals_one_process(world: int, ep: int, shard: int, recompute: str) -> None:
     """recompute=full: activation checkpointing of every block, recomputed (all-to-all included) in backward."""
     run_distributed(_check, world, ep, shard, recompute, timeout=240)
+
+
+def _edges(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    moe = {"num_experts": 4, "top_k": 2, "expert_hidden_size": 32, "routing_warmup": False}
+    kw = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "head_dim": 64, "moe": moe}
+    mesh = build_expert_parallel_mesh(1, data_parallel_shard_size=2)
+    for tied in (False, True):
+        model = MoEDecoderLM(**kw, tie_embeddings=tied)
+        apply_expert_parallel(model, mesh)
+        plan = apply_sharded_data_parallel(model, mesh)
+        # the embedding and the head are units of their own, unless tied (one parameter: it stays with the root)
+        assert plan.edges == ([] if tied else ["embed_tokens", "lm_head"]), plan.edges
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+        tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(rank))
+        _loss(model, tokens).backward()
+        assert model.embed_tokens.weight.grad is not None and model.lm_head.weight.grad is not None
+
+
+def test_embedding_and_head_units() -> None:
+    run_distributed(_edges, 2, timeout=120)

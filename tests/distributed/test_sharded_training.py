@@ -18,27 +18,13 @@ import json
 
 import pytest
 import torch
-from train_runs import STEPS, Run, train
+from train_runs import STEPS, ok, same_curve, train
 
 from moe_plugin.cli.main import main as cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-ATOL = 1e-5
 EVERY = 5
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-4000:]}"
-    return run
-
-
-def _same_curve(run: Run, ref: Run, steps: range, keys: tuple[str, ...] = ("loss",)) -> None:
-    got, want = run.curve(), ref.curve()
-    assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
-    for s in steps:
-        for k in keys:
-            assert abs(got[s][k] - want[s][k]) <= ATOL, f"{run.out_dir.name} step {s} {k}: {got[s][k]} vs {want[s][k]}"
 
 
 def _sharded(ep: int, shard: int) -> tuple[str, ...]:
@@ -48,14 +34,14 @@ def _sharded(ep: int, shard: int) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("sharded_training")
-    R = _ok(train(tmp, "R", 1, 1, extra=("strategy.meta_init=true",), save_every=EVERY))
-    F = _ok(train(tmp, "F", 4, 2, extra=_sharded(2, 2), save_every=EVERY))
+    R = ok(train(tmp, "R", 1, 1, extra=("strategy.meta_init=true",), save_every=EVERY))
+    F = ok(train(tmp, "F", 4, 2, extra=_sharded(2, 2), save_every=EVERY))
     return {"tmp": tmp, "R": R, "F": F}
 
 
 def test_ep2_shard2_equals_one_process(runs: dict) -> None:
     R, F = runs["R"], runs["F"]
-    _same_curve(F, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    same_curve(F, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     ckpt = F.checkpoint(20)
     meta = torch.load(ckpt / "meta.pt", weights_only=False)["moe_plugin_layout"]
     assert meta["format_version"] == 2 and meta["data_parallel_shard_size"] == 2
@@ -80,12 +66,12 @@ def test_ep2_shard2_equals_one_process(runs: dict) -> None:
 
 def test_resharding_chain(runs: dict) -> None:
     tmp, R, F = runs["tmp"], runs["R"], runs["F"]
-    X = _ok(train(tmp, "X", 4, 4, ckpt=F.checkpoint(5), save_every=EVERY))
-    _same_curve(X, R, range(6, STEPS + 1))
+    X = ok(train(tmp, "X", 4, 4, ckpt=F.checkpoint(5), save_every=EVERY))
+    same_curve(X, R, range(6, STEPS + 1))
     assert torch.load(X.checkpoint(10) / "meta.pt", weights_only=False)["moe_plugin_layout"]["format_version"] == 1
-    Y = _ok(train(tmp, "Y", 2, 1, ckpt=X.checkpoint(10), extra=_sharded(1, 2), save_every=EVERY))
-    _same_curve(Y, R, range(11, STEPS + 1))
-    Z = _ok(train(tmp, "Z", 1, 1, ckpt=Y.checkpoint(15), save_every=EVERY))
-    _same_curve(Z, R, range(16, STEPS + 1))
+    Y = ok(train(tmp, "Y", 2, 1, ckpt=X.checkpoint(10), extra=_sharded(1, 2), save_every=EVERY))
+    same_curve(Y, R, range(11, STEPS + 1))
+    Z = ok(train(tmp, "Z", 1, 1, ckpt=Y.checkpoint(15), save_every=EVERY))
+    same_curve(Z, R, range(16, STEPS + 1))
     summary = json.loads((Z.out_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS

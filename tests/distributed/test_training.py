@@ -15,37 +15,22 @@ import json
 
 import pytest
 import torch
-from train_runs import STEPS, Run, train
+from train_runs import ATOL, STEPS, Run, ok, same_curve, train
 
 from moe_plugin.cli.main import main as cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
-ATOL = 1e-5
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-4000:]}"
-    return run
-
-
-def _same_curve(run: Run, ref: Run, steps: range, keys: tuple[str, ...] = ("loss",)) -> None:
-    got, want = run.curve(), ref.curve()
-    assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
-    for s in steps:
-        for k in keys:
-            assert abs(got[s][k] - want[s][k]) <= ATOL, f"{run.out_dir.name} step {s} {k}: {got[s][k]} vs {want[s][k]}"
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     tmp = tmp_path_factory.mktemp("ep_training")
-    return {"tmp": tmp, "R": _ok(train(tmp, "R", 1, None)), "A": _ok(train(tmp, "A", 2, 2))}  # type: ignore[dict-item]
+    return {"tmp": tmp, "R": ok(train(tmp, "R", 1, None)), "A": ok(train(tmp, "A", 2, 2))}  # type: ignore[dict-item]
 
 
 def test_ep2_equals_one_process(runs: dict) -> None:
     R, A = runs["R"], runs["A"]
-    _same_curve(A, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    same_curve(A, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     out = runs["tmp"] / "A20.ckpt"
     assert cli(["ckpt", "consolidate", str(A.checkpoint(20)), str(out)]) == 0
     got = torch.load(out, weights_only=False)["state_dict"]
@@ -70,20 +55,20 @@ def test_inspect_sharded_checkpoint(runs: dict, capsys: pytest.CaptureFixture[st
 
 
 def test_resume_ep2_at_ep1(runs: dict) -> None:
-    B = _ok(train(runs["tmp"], "A10_to_ep1", 1, 1, ckpt=runs["A"].checkpoint(10)))
-    _same_curve(B, runs["R"], range(11, STEPS + 1))
+    B = ok(train(runs["tmp"], "A10_to_ep1", 1, 1, ckpt=runs["A"].checkpoint(10)))
+    same_curve(B, runs["R"], range(11, STEPS + 1))
 
 
 def test_resume_plain_at_ep2(runs: dict) -> None:
-    C = _ok(train(runs["tmp"], "R10_to_ep2", 2, 2, ckpt=runs["R"].checkpoint(10)))
-    _same_curve(C, runs["R"], range(11, STEPS + 1))
+    C = ok(train(runs["tmp"], "R10_to_ep2", 2, 2, ckpt=runs["R"].checkpoint(10)))
+    same_curve(C, runs["R"], range(11, STEPS + 1))
 
 
 def test_resume_consolidated_in_plain_lightning(runs: dict) -> None:
     plain = runs["tmp"] / "A10.ckpt"
     assert cli(["ckpt", "consolidate", str(runs["A"].checkpoint(10)), str(plain)]) == 0
-    E = _ok(train(runs["tmp"], "A10_to_plain", 1, None, ckpt=plain))
-    _same_curve(E, runs["R"], range(11, STEPS + 1))
+    E = ok(train(runs["tmp"], "A10_to_plain", 1, None, ckpt=plain))
+    same_curve(E, runs["R"], range(11, STEPS + 1))
 
 
 def test_killed_rank_then_resume_at_ep4(runs: dict) -> None:
@@ -102,17 +87,17 @@ def test_killed_rank_then_resume_at_ep4(runs: dict) -> None:
     assert K.returncode != 0, "the surviving rank must exit, not finish"
     assert K.seconds < 240
     assert "another rank died or did not answer" in K.output, K.output[-3000:]
-    _same_curve(K, runs["R"], range(1, 14)) if len(K.curve()) == 13 else _same_curve(K, runs["R"], range(1, 13))
-    D = _ok(train(tmp, "K10_to_ep4", 4, 4, ckpt=K.checkpoint(10), timeout=420))
-    _same_curve(D, runs["R"], range(11, STEPS + 1))
+    same_curve(K, runs["R"], range(1, 14)) if len(K.curve()) == 13 else same_curve(K, runs["R"], range(1, 13))
+    D = ok(train(tmp, "K10_to_ep4", 4, 4, ckpt=K.checkpoint(10), timeout=420))
+    same_curve(D, runs["R"], range(11, STEPS + 1))
 
 
 def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     """2 micro-batches per step: expert gradients accumulate locally and are reduced once, before clipping."""
     tmp = runs["tmp"]
     acc = ("trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
-    ref = _ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
-    ep = _ok(train(tmp, "acc_ep2", 2, 2, extra=acc, batch_size=2))
+    ref = ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
+    ep = ok(train(tmp, "acc_ep2", 2, 2, extra=acc, batch_size=2))
     want, got = ref.rows(), ep.rows()
     assert len(want) == len(got) == 12
     for w, g in zip(want, got):

@@ -98,3 +98,21 @@ def train(
         cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True
     )
     return Run(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0, out)
+
+
+ATOL = 1e-5
+
+
+def ok(run: Run) -> Run:
+    """`run`, after asserting it exited 0 (the failure message carries the end of its output)."""
+    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-4000:]}"
+    return run
+
+
+def same_curve(run: Run, ref: Run, steps: range, keys: tuple[str, ...] = ("loss",), atol: float = ATOL) -> None:
+    """`run` recorded exactly `steps`, each with the same `keys` values as `ref` at that step (within `atol`)."""
+    got, want = run.curve(), ref.curve()
+    assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
+    for s in steps:
+        for k in keys:
+            assert abs(got[s][k] - want[s][k]) <= atol, f"{run.out_dir.name} step {s} {k}: {got[s][k]} vs {want[s][k]}"

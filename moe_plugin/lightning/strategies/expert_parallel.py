@@ -59,6 +59,7 @@ from moe_plugin.parallel.checkpoint import (
     shard_file_name,
 )
 from moe_plugin.parallel.consensus import min_over_ranks
+from moe_plugin.parallel.fsdp_comms import COMMS
 from moe_plugin.parallel.grads import (
     broadcast_dense_states,
     clip_grad_norm_expert_parallel,
@@ -96,6 +97,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         data_parallel_replicate_size: int | None = None,
         offload_optimizer: bool = False,
         meta_init: bool | None = None,
+        fsdp_comms: str = "auto",
         **kwargs: Any,
     ) -> None:
         """
@@ -114,6 +116,8 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             meta_init: build the model on the meta device (model_init_context) and materialise only this rank's
                 shards with the layout-independent init of parallel/materialise.py. None = on when
                 data_parallel_shard_size > 1 (no rank ever holds the whole model).
+            fsdp_comms: FSDP2's all-gather / reduce-scatter: "auto" (expressed as all_reduce on gloo, where that is
+                2-3x faster: parallel/fsdp_comms.py), "native" or "all_reduce".
             kwargs: passed to DDPStrategy / DistributedDataParallel.
         """
         if int(expert_parallel_size) < 1:
@@ -142,6 +146,9 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         self.data_parallel_replicate_size = data_parallel_replicate_size
         self.offload_optimizer = bool(offload_optimizer)
         self.meta_init = self.data_parallel_shard_size > 1 if meta_init is None else bool(meta_init)
+        if fsdp_comms not in COMMS:
+            raise ValueError(f"strategy.fsdp_comms={fsdp_comms!r} is not one of {COMMS}.")
+        self.fsdp_comms = fsdp_comms
         self.mesh: ExpertParallelMesh | None = None
         self.plan: ExpertParallelPlan | None = None
 
@@ -233,6 +240,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             precision=self.precision_plugin.precision,
             offload_optimizer=self.offload_optimizer,
             children_as_roots=True,
+            comms=self.fsdp_comms,
         )
         self._materialise(module)
         if trainer.state.fn == TrainerFn.FITTING:

@@ -32,6 +32,7 @@ island writes the same consistent cut (the directory keeps the name of the reque
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -349,11 +350,12 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         seconds = time.monotonic() - self._t0
         steps = trainer.global_step - self._round_start_step
         params = [p for _, p in self._trainable()]
-        deltas = [s - p.detach().to(s.device, torch.float32) for s, p in zip(self._synced, params)]
+        # pseudo-gradients Delta = theta_s - theta_k, one tensor at a time (never the whole model at once)
+        deltas = [functools.partial(_delta, s, p) for s, p in zip(self._synced, params)]
         stats = torch.zeros(K, 6, dtype=torch.float64)
         stats[k, _NORM2] = float(
             sum(
-                (d.double().pow(2).sum() for d, o in zip(deltas, self._owned) if o),
+                (d().double().pow(2).sum() for d, o in zip(deltas, self._owned) if o),
                 torch.zeros((), dtype=torch.float64),
             )
         )
@@ -374,10 +376,20 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
         )
         if decision.any_accepted:
             factors = [decision.factors[k] if o else 0.0 for o in self._owned]
-            avg = global_weighted_sum(
-                self._slots, deltas, factors, m.outer_group, self._exchange_device, self.bucket_numel
+
+            def outer_step(i: int, avg: torch.Tensor) -> None:  # per tensor, as soon as its bucket is reduced
+                outer_sgd_step(
+                    [self._synced[i]],
+                    [avg],
+                    [self._momentum[i]],
+                    self.outer_lr,
+                    self.outer_momentum,
+                    self.outer_nesterov,
+                )
+
+            global_weighted_sum(
+                self._slots, deltas, factors, m.outer_group, self._exchange_device, self.bucket_numel, outer_step
             )
-            outer_sgd_step(self._synced, avg, self._momentum, self.outer_lr, self.outer_momentum, self.outer_nesterov)
         for p, s in zip(params, self._synced):
             p.copy_(s)  # every island continues from the synchronised weights (all rejected: its deltas are dropped)
         if self.average_buffers and self._buffer_slots:
@@ -466,6 +478,11 @@ class LocalSGDStrategy(IslandCheckpoints, ExpertParallelStrategy):
                 type(exception).__name__,
                 str(exception)[:300],
             )
+
+
+def _delta(synced: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Island k's pseudo-gradient for one tensor: theta_s - theta_k, float32 on the exchange device."""
+    return synced - param.detach().to(synced.device, torch.float32)
 
 
 class _OuterSync(pl.Callback):

@@ -103,6 +103,27 @@ def test_global_weighted_sum_single_process_lays_experts_by_global_id() -> None:
     out = global_weighted_sum(slots, [dense, expert], [0.5, 2.0], None, bucket_numel=7)  # one tensor per bucket
     torch.testing.assert_close(out[0], 0.5 * dense)
     torch.testing.assert_close(out[1], 2.0 * expert)
+    # lazily produced inputs (called only when their factor is not 0), results handed over bucket by bucket
+    got: dict[int, torch.Tensor] = {}
+    calls: list[str] = []
+
+    def make(name: str, t: torch.Tensor):  # noqa: ANN202
+        return lambda: calls.append(name) or t
+
+    scalar = torch.tensor(3.0)
+    slots3 = make_slots([("d", dense), ("e", expert), ("s", scalar)], {"e": (4, 2, 4)})
+    out = global_weighted_sum(
+        slots3,
+        [make("d", dense), make("e", expert), make("s", scalar)],
+        [0.5, 0.0, 1.0],
+        None,
+        bucket_numel=7,
+        consume=lambda i, t: got.__setitem__(i, t.clone()),
+    )
+    assert out == [] and calls == ["d", "s"] and sorted(got) == [0, 1, 2]
+    torch.testing.assert_close(got[0], 0.5 * dense)
+    torch.testing.assert_close(got[1], torch.zeros_like(expert))
+    torch.testing.assert_close(got[2], scalar)
 
 
 def test_parse_islands_and_errors() -> None:
