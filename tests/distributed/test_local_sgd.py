@@ -85,7 +85,10 @@ def reference(tmp: Path) -> Run:
 
 def test_sync_every_step_equals_data_parallel(tmp: Path, reference: Run) -> None:
     A = _ok(train(tmp, "islands_1x2", 2, None, extra=EQUAL, strategy=(*REFERENCE, "strategy.island_size=1")))
-    _same_curve(A, reference, range(1, EQUAL_STEPS + 1))
+    # step 9 holds a top-k near-tie: measured 2026-12-02, |diff| 9.5e-6 at 01:56 and 3.0e-5 at 03:56 (the
+    # one-process reference itself moved by 1.6e-5 there between main's commits) while steps 1-8 agree to 5e-6
+    # and the weights at step 10 to 5.4e-6; a wrong average moves a step's loss by >1e-3
+    _same_curve(A, reference, range(1, EQUAL_STEPS + 1), flip_after=8)
     got, want = _weights(A.checkpoint(10)), _weights(reference.checkpoint(10))
     assert got.keys() == want.keys()
     for k in want:
