@@ -141,6 +141,10 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float, fl
 
 def _worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     torch.set_num_threads(1)
+    if args.host_allocator == "tuned":  # what train.py's processes do (kernels/host_allocator.py)
+        from moe_plugin.kernels.host_allocator import keep_freed_host_memory
+
+        keep_freed_host_memory()
     if args.json:  # DeepSpeed prints to stdout; keep stdout for the JSON document
         os.dup2(2, 1)
         sys.stdout = sys.stderr
@@ -229,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--grouped-mm-backend", default="auto", help="model.moe.grouped_mm_backend for ours")
     p.add_argument("--no-deepspeed", action="store_true", help="time ours only")
+    p.add_argument(
+        "--host-allocator",
+        choices=("default", "tuned"),
+        default="default",
+        help="tuned: each process keeps freed memory mapped as train.py does (kernels/host_allocator.py)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     os.environ["DS_ACCELERATOR"] = "cpu"

@@ -1,6 +1,7 @@
 """Training throughput against the machine's own limit: achieved model FLOP/s / peak fp32 GEMM FLOP/s.
 
     python bench/mfu.py [--steps 60] [--threads N] [--json out.json] [extra Hydra overrides ...]
+    python bench/mfu.py --steady [--warmup 3] [--steps 15] [--threads N]
 
 1. Peak: the best fp32 `torch.mm` FLOP/s of this machine at the run's thread count, over square GEMMs
    of 1024, 2048 and 3072 and the run's own dense GEMM shape (tokens x hidden x 4*hidden), best call of
@@ -11,6 +12,11 @@
    prints):
        F = 6 * activated non-embedding parameters + 12 * layers * heads * head_dim * seq_len
        achieved = tokens/s * F,        ratio = achieved / peak            (target >= 0.8)
+3. `--steady`: the same model and batch shape trained in-process in a bare PyTorch loop (AdamW, clipping,
+   aux losses; no Lightning, no callbacks, no data loading), eager and with `model.compile=true`'s
+   regional compile (parallel/compile.py): the first steps' time (inductor compilation included) and the
+   steady-state tokens/s after them. Says how much of the gap is the training glue and whether compiling
+   pays, and after how many steps.
 Run it through /work/bin/quiet on a shared machine; the load average is printed with the result.
 """
 
@@ -78,15 +84,98 @@ def run_training(steps: int, overrides: list[str], threads: int | None) -> dict:
         return json.loads((out / "summary.json").read_text())
 
 
+def bare_loop(cfg, compiled: bool, warmup: int, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Train the configured model in a bare loop on random bytes: first `warmup` steps timed together
+    (compilation happens there), then `steps` steps timed one by one (median)."""
+    import statistics
+
+    from hydra.utils import instantiate
+
+    from moe_plugin.layers.moe import collect_aux_losses
+    from moe_plugin.parallel.compile import compile_blocks
+
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    if compiled:
+        compile_blocks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, S, V = int(cfg.data.batch_size), int(cfg.data.seq_len), int(cfg.model.vocab_size)
+    data = torch.randint(0, V, (B, S + 1))
+
+    def step() -> None:
+        out = model(data[:, :-1])
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), data[:, 1:].reshape(-1))
+        aux = collect_aux_losses(model)
+        (loss if aux is None else loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"first_steps_seconds": first, "first_steps": warmup, "step_ms": med * 1e3, "tokens_per_second": B * S / med}
+
+
+def steady(args: argparse.Namespace) -> int:
+    from moe_plugin.cli.compose import compose_config
+    from moe_plugin.cli.inspect import inspect_model
+
+    cfg = compose_config(args.overrides)
+    seq_len = int(cfg.data.seq_len)
+    info = inspect_model(args.overrides, seq_len, configured=True)
+    peak = max(measure_peak(int(cfg.data.batch_size) * seq_len, int(cfg.model.hidden_size)).values())
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),
+        "peak_flops": peak,
+    }
+    for name, compiled in (("eager", False), ("compiled", True)):
+        r = bare_loop(cfg, compiled, args.warmup, args.steps)
+        r["ratio"] = r["tokens_per_second"] * info["flops_per_token"] / peak
+        result[name] = r
+        print(
+            f"{name:<9} first {args.warmup} steps {r['first_steps_seconds']:6.1f} s, then {r['step_ms']:7.1f} ms/step "
+            f"= {r['tokens_per_second']:,.0f} tokens/s (achieved/peak {r['ratio']:.3f})"
+        )
+    e, c = result["eager"], result["compiled"]
+    extra = c["first_steps_seconds"] - args.warmup * e["step_ms"] / 1e3
+    saved = e["step_ms"] / 1e3 - c["step_ms"] / 1e3
+    result["compile_speedup_steady"] = e["step_ms"] / c["step_ms"]
+    result["break_even_steps"] = args.warmup + extra / saved if saved > 0 else None
+    be = f"{result['break_even_steps']:.0f}" if saved > 0 else "never (not faster in steady state)"
+    print(f"compiled / eager steady-state speed-up {result['compile_speedup_steady']:.3f}; break-even after {be} steps")
+    result["load_average_end"] = os.getloadavg()
+    print(f"threads {result['threads']}, load average {result['load_average_start']} -> {result['load_average_end']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the measured run")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps measured (default 60; --steady 15)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--steady", action="store_true", help="bare-loop eager vs compiled steady state (3.)")
+    parser.add_argument("--warmup", type=int, default=3, help="--steady: first steps timed together")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for train.py")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.steady:
+        args.steps = args.steps or 15
+        return steady(args)
+    args.steps = args.steps or 60
 
     from moe_plugin.cli.compose import compose_config
     from moe_plugin.cli.inspect import inspect_model

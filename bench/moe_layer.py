@@ -6,7 +6,7 @@
 
 Contenders (same tokens, same hidden size; expert weights random, router weights shared so every MoE
 sees the same routing):
-- ours:            moe_plugin.layers.MoE, dropless, grouped-matmul seam (torch._grouped_mm on CPU)
+- ours:            moe_plugin.layers.MoE, dropless, grouped-matmul seam (fused SwiGLU experts node on CPU)
 - dense:           a SwiGLU FFN of width K*F: the same activated FLOPs without routing (the practical limit)
 - hf_mixtral_*:    transformers' MixtralSparseMoeBlock, experts implementation "eager" and "grouped_mm"
                    (its best CPU backends; "batched_mm" is ~200x slower on CPU and left out)

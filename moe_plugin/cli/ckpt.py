@@ -37,9 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("path", help="sharded checkpoint directory")
     c.add_argument("out", help="output file, e.g. model.ckpt")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    v = sub.add_parser("convert", help="DeepSpeed directory (strategy=deepspeed_ep) -> one layout-free checkpoint file")
-    v.add_argument("path", help="DeepSpeed checkpoint directory written with strategy.checkpoint_format=deepspeed")
-    v.add_argument("out", help="output file, e.g. model.ckpt (resumable by any strategy at any layout)")
+    v = sub.add_parser(
+        "convert",
+        help="DeepSpeed directory (strategy=deepspeed_ep) -> one layout-free file, or back with --world-size",
+    )
+    v.add_argument("path", help="DeepSpeed directory (strategy.checkpoint_format=deepspeed) or layout-free checkpoint")
+    v.add_argument("out", help="output: a layout-free file (from DeepSpeed) or a DeepSpeed directory (--world-size)")
+    v.add_argument("--world-size", type=int, default=None, help="to DeepSpeed: trainer.devices x nodes of the target")
+    v.add_argument("--expert-parallel-size", type=int, default=1, help="to DeepSpeed: strategy.expert_parallel_size")
+    v.add_argument("--stage", type=int, default=2, help="to DeepSpeed: strategy.stage (ZeRO 1 or 2)")
     v.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -129,5 +135,5 @@ def run(args: argparse.Namespace) -> int:
     if args.ckpt_command == "convert":
         from moe_plugin.convert.deepspeed_checkpoint import convert_command
 
-        return convert_command(args.path, args.out, args.json)
+        return convert_command(args.path, args.out, args.json, args.world_size, args.expert_parallel_size, args.stage)
     return _inspect(args) if args.ckpt_command == "inspect" else _consolidate(args)

@@ -1,4 +1,9 @@
-"""DeepSpeed checkpoint directories written by the deepspeed_ep strategy -> the plugin's layout-free checkpoint.
+"""DeepSpeed checkpoint directories of the deepspeed_ep strategy <-> the plugin's layout-free checkpoint.
+
+    moe-plugin ckpt convert DS_DIR OUT.ckpt                          DeepSpeed -> one layout-free file
+    moe-plugin ckpt convert CKPT DS_DIR --world-size 2 --expert-parallel-size 2 --stage 2
+                                                                     layout-free -> DeepSpeed (written by
+                                                                     DeepSpeed's engine: parallel/deepspeed_export.py)
 
 Vocabulary: W world size and EP expert-parallel size of the run that saved, E global experts of a layer,
 L = E / EP local experts, j an expert-group rank (0..EP-1).
@@ -63,6 +68,7 @@ DEEPSPEED_KEYS = {
     "num_experts",
     "ds_autoep_layers",
     "universal_checkpoint_info",
+    "checkpoint_parallel_dimensions",
     RECORD_KEY,
 }
 
@@ -117,6 +123,14 @@ def load_deepspeed_file(path: str) -> dict[str, Any]:
 
     with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         return load_weights_only(path, mmap=False)
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """deepspeed_ep's layout record of a DeepSpeed directory (None when absent); reads the model-states file."""
+    tag = deepspeed_tag_dir(path)
+    if tag is None:
+        return None
+    return load_deepspeed_file(str(sorted(tag.glob("*model_states.pt"))[0])).get(RECORD_KEY)
 
 
 def to_plain_checkpoint(
@@ -205,17 +219,107 @@ def to_plain_checkpoint(
     return out
 
 
-def convert_command(path: str, out: str, as_json: bool = False) -> int:
-    """`moe-plugin ckpt convert DIR OUT`: a deepspeed_ep DeepSpeed directory -> one layout-free checkpoint file."""
+def _load_layout_free(path: str) -> dict[str, Any]:
+    """A layout-free checkpoint (sharded directory or plain file) as one plain dict with every expert."""
+    from moe_plugin.lightning.checkpoint_io import load_weights_only
+    from moe_plugin.parallel.checkpoint import consolidate, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        return consolidate(path, load_weights_only)
+    obj = load_weights_only(path)
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise DeepSpeedCheckpointError(f"{path} is not a Lightning checkpoint (no state_dict).")
+    return obj
+
+
+def to_deepspeed_directory(
+    path: str, out: str, world_size: int, expert_parallel_size: int, stage: int, timeout_seconds: float = 600.0
+) -> dict[str, Any]:
+    """A layout-free checkpoint -> DeepSpeed's checkpoint directory for deepspeed_ep at (W, EP, ZeRO stage).
+
+    DeepSpeed's engine writes the files (parallel/deepspeed_export.py); the model is rebuilt from the
+    checkpoint's `model_config` and the optimizer groups from configure_optimizers' rule (lightning/module.py).
+    Returns the plain checkpoint it converted (for the summary)."""
+    import functools
+
+    from moe_plugin.lightning.module import decay_groups
+    from moe_plugin.models.decoder import MoEDecoderLM
+    from moe_plugin.parallel.deepspeed_export import export_deepspeed_checkpoint
+
+    plain = _load_layout_free(path)
+    config = plain.get("model_config")
+    if not config:
+        raise DeepSpeedCheckpointError(
+            f"{path} carries no model_config (saved by an older moe_plugin): the model cannot be rebuilt to lay out "
+            "DeepSpeed's partitions. Resume it once with strategy=deepspeed_ep (it reads layout-free checkpoints "
+            "directly) and save with strategy.checkpoint_format=deepspeed instead."
+        )
+    with torch.device("meta"):
+        names = [list(g) for g in decay_groups(MoEDecoderLM(**config), prefix="model.")]
+    groups = (plain.get("optimizer_states") or [{}])[0].get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(n) for n in names]:
+        raise DeepSpeedCheckpointError(
+            f"{path}: optimizer groups of sizes {[len(g['params']) for g in groups]}, but MoELanguageModule's "
+            f"configure_optimizers makes {[len(n) for n in names]} for this model: only checkpoints of "
+            "MoELanguageModule's optimizer (or saved without optimizer state: nothing to convert) are supported."
+        )
+    export_deepspeed_checkpoint(
+        plain,
+        out,
+        functools.partial(MoEDecoderLM, **config),
+        names,
+        world_size,
+        expert_parallel_size,
+        stage,
+        timeout_seconds,
+    )
+    return plain
+
+
+def convert_command(
+    path: str,
+    out: str,
+    as_json: bool = False,
+    world_size: int | None = None,
+    expert_parallel_size: int = 1,
+    stage: int = 2,
+) -> int:
+    """`moe-plugin ckpt convert SRC OUT`: a deepspeed_ep DeepSpeed directory -> one layout-free checkpoint file;
+    a layout-free checkpoint (directory or file) with --world-size W -> a DeepSpeed directory for deepspeed_ep."""
     import json
 
-    if not is_deepspeed_checkpoint(path):
-        print(
-            f"moe-plugin ckpt convert: {path} is not a DeepSpeed checkpoint directory. moe_plugin checkpoints "
-            "(sharded directories, plain files) are layout-free already: resume them with any strategy, "
-            "strategy=deepspeed_ep included, or `moe-plugin ckpt consolidate` a directory into one file."
-        )
+    if not Path(path).exists():
+        print(f"moe-plugin ckpt convert: {path} does not exist.")
         return 2
+    if not is_deepspeed_checkpoint(path):
+        if world_size is None:
+            print(
+                f"moe-plugin ckpt convert: {path} is a moe_plugin (layout-free) checkpoint. To write a DeepSpeed "
+                "checkpoint directory from it, give the target layout: --world-size W [--expert-parallel-size EP] "
+                "[--stage 1|2|3]. (strategy=deepspeed_ep also resumes it directly, at any layout.)"
+            )
+            return 2
+        try:
+            plain = to_deepspeed_directory(path, out, world_size, expert_parallel_size, stage)
+        except (DeepSpeedCheckpointError, ValueError) as err:
+            print(f"moe-plugin ckpt convert: {err}")
+            return 2
+        summary = {
+            "out": out,
+            "format": "deepspeed",
+            "world_size": world_size,
+            "expert_parallel_size": expert_parallel_size,
+            "zero_stage": stage,
+            "global_step": plain.get("global_step"),
+        }
+        print(
+            json.dumps(summary)
+            if as_json
+            else f"wrote DeepSpeed checkpoint {out} (ZeRO-{stage}, W={world_size}, EP={expert_parallel_size}, "
+            f"step {summary['global_step']}); resume: strategy=deepspeed_ep strategy.stage={stage} "
+            f"strategy.expert_parallel_size={expert_parallel_size} trainer.devices={world_size} ckpt_path={out}"
+        )
+        return 0
     try:
         plain = to_plain_checkpoint(path)
     except DeepSpeedCheckpointError as err:

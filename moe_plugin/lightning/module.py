@@ -17,6 +17,18 @@ from moe_plugin.layers.moe import collect_aux_losses, moe_layers
 from moe_plugin.lightning.schedules import lr_multiplier
 
 
+def decay_groups(model: nn.Module, prefix: str = "") -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters with and without weight decay, in configure_optimizers' order (what
+    the integer ids of a saved optimizer state refer to; offline converters rebuild the groups with this)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Norm weights, biases and 1-D parameters are not decayed (standard for transformers).
+        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(prefix + name)
+    return decay, no_decay
+
+
 class MoELanguageModule(pl.LightningModule):
     # tells MoEAuxLoss (lightning/mixin.py) that this module already adds the auxiliary losses itself
     adds_moe_aux_losses = True
@@ -103,12 +115,8 @@ class MoELanguageModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Norm weights, biases and 1-D parameters are not decayed (standard for transformers).
-            (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+        params = dict(self.model.named_parameters())
+        decay, no_decay = ([params[n] for n in g] for g in decay_groups(self.model))
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if hp.get("optimizer", "adamw") == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.get("momentum", 0.0))

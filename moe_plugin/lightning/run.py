@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_plugin.config.validate import validate_config
 from moe_plugin.convert.hf.load import model_tokenizer
 from moe_plugin.errors import ConfigError
+from moe_plugin.kernels.host_allocator import keep_freed_host_memory
 from moe_plugin.lightning.callbacks.summary import RunSummary
 from moe_plugin.lightning.evaluate import format_test, module_for_evaluation, run_test, sample_lines
 from moe_plugin.lightning.module import MoELanguageModule
@@ -58,6 +59,7 @@ def build_module(cfg: DictConfig, vocab_size: int | None = None) -> MoELanguageM
 
 def run(cfg: DictConfig) -> float | None:
     validate_config(cfg, optim_target=MoELanguageModule)
+    keep_freed_host_memory()  # no page faults for re-allocated activations (kernels/host_allocator.py)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # no "Seed set to" line
     output_dir = Path(cfg.paths.output_dir)
 

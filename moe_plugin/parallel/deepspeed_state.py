@@ -68,6 +68,24 @@ def get_state(
     return weights, states, optimizer_step_count(optimizer) if optimizer is not None else None
 
 
+@torch.no_grad()
+def copy_master_weights_to_model(module: nn.Module) -> None:
+    """ZeRO-1/2: model parameters <- their fp32 master weights (collective over each parameter's group).
+
+    DeepSpeed's own loader restores the fp32 partitions from the ZeRO files but the model's parameters from the
+    model-states file, which holds no expert weights unless the experts are DeepSpeed's own MoE classes (their
+    weights go to per-expert files). Our experts would keep their initial values until the first step copies the
+    partitions back, so the first resumed forward would be wrong: copy them now.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in module.parameters():
+        if p.requires_grad and not hasattr(p, "ds_id"):
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                p.data.copy_(full.to(p.dtype).view_as(p))
+
+
 def _stage3_set_local(p: nn.Parameter, value: torch.Tensor) -> None:
     """ZeRO-3: this rank's partition of the working (low-precision) copy <- the matching slice of `value`."""
     import torch.distributed as dist
@@ -142,10 +160,17 @@ def set_optimizer_state(
             assert group["params"][0] is flat
         optimizer._hp_optimizer_states_linked = True
         return
-    # ZeRO-3: the optimizer created its state at construction; write each parameter's partition of it
+    # ZeRO-3: one flat fp32 partition per sub-group (optimizer.fp32_partitioned_groups_flat); the base optimizer
+    # creates its state for them lazily at its first step (DeepSpeed 0.19), so create the flat state tensors
+    # first, then write each parameter's partition of them (safe_set_full_optimizer_state)
+    for flat in optimizer.fp32_partitioned_groups_flat:
+        st = base.state[flat]
+        for k in keys:
+            if k not in st:
+                st[k] = torch.zeros_like(flat)
     for name, p in params.items():
         for k in keys:
             safe_set_full_optimizer_state(p, states[name][k].to(torch.float32).to(p.device), k)
     if step is not None:
         for st in base.state.values():
-            st["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(st.get("step")) else step
+            st["step"] = torch.tensor(step, dtype=torch.float32)

@@ -7,12 +7,20 @@ checkpoints at steps 10 and 20.
       expert-data group), writing DeepSpeed's own checkpoint directories: same losses as R; its step-10 directory,
       converted by `moe-plugin ckpt convert`, resumes in plain Lightning on one process with R's steps 11..20.
 - moving runs: Z2@10 -> expert_parallel EP=1 (1 process); R@10 (plain) -> deepspeed_ep ZeRO-2 EP=2 (2 processes).
+- Z3: ZeRO-3, EP=2 on 2 processes (parameters partitioned too; MoE layers are ZeRO-3 leaf modules): same losses,
+      weights and Adam state as R; R@10 resumes in ZeRO-3 EP=2 with R's steps 11..20 (ZeRO-3 restore by name).
+- converter: Z2@10 (layout-free) -> DeepSpeed directory (written by DeepSpeed's engine) -> resumed by DeepSpeed's
+      own loader with R's steps 11..20, and converted back bit for bit.
+- reliability: SIGTERM at step 7 (ZeRO-2, 1 process) -> exit 143 with a valid preemption checkpoint at step 8, and
+      the same command again resumes it (resume=auto) with R's curve; a loss spike rejected by the guard is skipped through
+      DeepSpeed's overflow path, so the run (retry included) equals one plain process with the same spike.
 - gradient accumulation (2 micro-batches per step) equals one process.
 The first DeepSpeed start compiles a small op (~20 s); TORCH_EXTENSIONS_DIR is fixed so later runs reuse it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +30,7 @@ import torch
 from train_runs import STEPS, Run, train
 
 from moe_plugin.cli.main import main as cli
+from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid
 
 # one build of DeepSpeed's op per machine/CI run, shared by every process the tests start
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "moe_plugin_torch_extensions"))
@@ -29,11 +38,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1500)]
 
+# The issue allows a wider tolerance at ZeRO-3 (parameters gathered per layer, gradients reduce-scattered in
+# buckets whose summation order differs from one process's). In fp32 those differences are rounding: measured
+# max |loss difference| 4.8e-7 over 20 steps at ZeRO-3 EP=2, so every stage is held to the same 1e-5.
 ATOL = 1e-5
-# ZeRO-3 partitions every parameter and reduce-scatters gradients in buckets whose summation order differs
-# from one process's; in fp32 the differences are rounding (~1e-7 relative per step) that Adam's
-# normalisation can amplify over 20 steps, so allow 1e-4 on losses of about 5.
-ZERO3_ATOL = 1e-4
 
 
 def ds(stage: int, ep: int, *more: str) -> tuple[str, ...]:
@@ -65,23 +73,38 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"tmp": tmp, "R": _ok(train(tmp, "R", 1, None)), "Z2": _ok(train(tmp, "Z2", 2, None, strategy=ds(2, 2)))}
 
 
-def test_zero2_ep2_equals_one_process(runs: dict) -> None:
-    R, Z2 = runs["R"], runs["Z2"]
-    _same_curve(Z2, R, range(1, STEPS + 1), ("loss", "balance", "z"))
-    out = runs["tmp"] / "Z2_20.ckpt"
-    assert cli(["ckpt", "consolidate", str(Z2.checkpoint(20)), str(out)]) == 0
+def _same_state_as_reference(run: Run, ref: Run, tmp: Path, step: int = STEPS) -> None:
+    """The run's layout-free checkpoint, consolidated, holds R's weights, Adam moments, step and LR state."""
+    out = tmp / f"{run.out_dir.name}_{step}.ckpt"
+    assert cli(["ckpt", "consolidate", str(run.checkpoint(step)), str(out)]) == 0
     got = torch.load(out, weights_only=False)
-    want = torch.load(R.checkpoint(20), weights_only=False)
+    want = torch.load(ref.checkpoint(step), weights_only=False)
     assert got["state_dict"].keys() == want["state_dict"].keys()
     for k, v in want["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     got_opt, want_opt = got["optimizer_states"][0], want["optimizer_states"][0]
     assert got_opt["param_groups"] == want_opt["param_groups"]
     for i, st in want_opt["state"].items():
-        assert float(got_opt["state"][i]["step"]) == float(st["step"]) == 20
+        assert float(got_opt["state"][i]["step"]) == float(st["step"]) == step
         torch.testing.assert_close(got_opt["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-3, atol=1e-7)
         torch.testing.assert_close(got_opt["state"][i]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-9)
     assert got["lr_schedulers"][0]["base_lrs"] == want["lr_schedulers"][0]["base_lrs"]
+
+
+def test_zero2_ep2_equals_one_process(runs: dict) -> None:
+    R, Z2 = runs["R"], runs["Z2"]
+    _same_curve(Z2, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    _same_state_as_reference(Z2, R, runs["tmp"])
+
+
+def test_zero3_ep2_equals_one_process_and_resumes(runs: dict) -> None:
+    """ZeRO-3 partitions the parameters too (experts over the expert-data group): same curve and state as R."""
+    tmp, R = runs["tmp"], runs["R"]
+    Z3 = _ok(train(tmp, "Z3", 2, None, strategy=ds(3, 2)))
+    _same_curve(Z3, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    _same_state_as_reference(Z3, R, tmp)
+    C = _ok(train(tmp, "R10_to_Z3", 2, None, ckpt=R.checkpoint(10), strategy=ds(3, 2)))
+    _same_curve(C, R, range(11, STEPS + 1))
 
 
 def test_deepspeed_ep_checkpoint_resumes_in_expert_parallel_ep1(runs: dict) -> None:
@@ -106,6 +129,31 @@ def test_zero1_on_4_processes_deepspeed_checkpoints_convert(runs: dict) -> None:
     _same_curve(D, R, range(11, STEPS + 1))
 
 
+def test_layout_free_to_deepspeed_directory_and_back(runs: dict) -> None:
+    """A layout-free checkpoint (Z2@10: the sharded format expert_parallel writes) -> `ckpt convert --world-size 2
+    --expert-parallel-size 2 --stage 2` (DeepSpeed's engine writes the directory) -> resumed by DeepSpeed's own
+    loader (same layout) with R's steps 11..20; and the directory converts back to the same tensors, bit for bit."""
+    tmp, R, Z2 = runs["tmp"], runs["R"], runs["Z2"]
+    ds_dir = tmp / "Z2_10_deepspeed"
+    layout = ["--world-size", "2", "--expert-parallel-size", "2", "--stage", "2"]
+    assert cli(["ckpt", "convert", str(Z2.checkpoint(10)), str(ds_dir), *layout]) == 0
+    assert (ds_dir / "latest").is_file() and len(list((ds_dir / "checkpoint").glob("*optim_states.pt"))) == 2
+    source, back = tmp / "Z2_10.ckpt", tmp / "Z2_10_back.ckpt"
+    assert cli(["ckpt", "consolidate", str(Z2.checkpoint(10)), str(source)]) == 0
+    assert cli(["ckpt", "convert", str(ds_dir), str(back)]) == 0
+    want, got = torch.load(source, weights_only=False), torch.load(back, weights_only=False)
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][k], v), k
+    assert got["optimizer_states"][0]["param_groups"] == want["optimizer_states"][0]["param_groups"]
+    for i, st in want["optimizer_states"][0]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(got["optimizer_states"][0]["state"][i][k]), torch.as_tensor(v)), (i, k)
+    assert got["lr_schedulers"] == want["lr_schedulers"] and got["global_step"] == want["global_step"] == 10
+    E = _ok(train(tmp, "Z2_10_deepspeed_to_Z2", 2, None, ckpt=ds_dir, strategy=ds(2, 2)))
+    _same_curve(E, R, range(11, STEPS + 1))
+
+
 def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     """2 micro-batches per step: DeepSpeed accumulates and scales (1/2), experts reduced once per step."""
     tmp = runs["tmp"]
@@ -116,3 +164,56 @@ def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     assert len(want) == len(got) == 12
     for w, g in zip(want, got):
         assert w["step"] == g["step"] and abs(g["loss"] - w["loss"]) <= ATOL, (w, g)
+
+
+FAULTS = "callbacks=[default,fault_injection]"
+
+
+def test_preemption_exits_143_and_resume_auto_continues(runs: dict) -> None:
+    tmp, R = runs["tmp"], runs["R"]
+    sigterm = (FAULTS, "+callbacks.fault_injection.faults=[{kind: sigterm, step: 7}]")
+    # one process: in a 2-process run the ranks parted ways after the SIGTERM (one exited while the other was in the
+    # next step's all-to-all); not diagnosed yet, see docs/deepspeed.md (Limits)
+    first = train(tmp, "Z2_preempted", 1, None, extra=sigterm, strategy=ds(2, 1))
+    assert first.returncode == 143, first.output[-3000:]  # 128 + SIGTERM: preempted, not finished
+    saved = first.out_dir / "checkpoints" / "preempted-step000008.ckpt"
+    assert check_checkpoint(saved).valid, check_checkpoint(saved).reason
+    assert check_checkpoint(find_latest_valid(first.out_dir / "checkpoints")).global_step == 8
+    again = _ok(train(tmp, "Z2_preempted", 1, None, extra=sigterm, strategy=ds(2, 1)))  # resume=auto (default)
+    assert "resuming from" in again.output and "preempted-step000008" in again.output
+    _same_curve(again, R, range(1, STEPS + 1))
+
+
+def _spike_events(run: Run) -> list[dict]:
+    lines = (run.out_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("source") == "spike_guard"]
+
+
+def test_rejected_update_is_skipped_like_one_process(runs: dict) -> None:
+    """The guard (warm after 3 steps here) rejects the spiked step 8 and retries its batch: under deepspeed_ep the
+    ZeRO optimizer skips that update (DeepSpeed's overflow path; ZeRO-2 and ZeRO-3 take different code), so every
+    batch's loss equals one process's."""
+    tmp = runs["tmp"]
+    spike = (
+        FAULTS,
+        "+callbacks.fault_injection.faults=[{kind: spike, step: 8}]",
+        "callbacks.spike.warmup_steps=3",
+        "trainer.max_steps=12",
+    )
+    ref = _ok(train(tmp, "spike_ref", 1, None, extra=spike))
+    assert [e["event"] for e in _spike_events(ref)][:1] == ["retry"], _spike_events(ref)
+    want = ref.rows()
+    assert len(want) == 12  # the rejected step counts as a step (its batch is retried at the next)
+    for stage in (2, 3):
+        z = _ok(train(tmp, f"spike_z{stage}", 2, None, extra=spike, strategy=ds(stage, 2)))
+        assert [e["event"] for e in _spike_events(z)][:1] == ["retry"], _spike_events(z)
+        got = z.rows()
+        assert len(got) == len(want)
+        for i, (w, g) in enumerate(zip(want, got)):
+            assert w["step"] == g["step"], (stage, w, g)
+            if i and w["loss"] > 2 * want[i - 1]["loss"]:
+                # the spiked attempt itself: its noise is drawn per rank for the rank's rows, so its value depends
+                # on the layout; what must match is everything after it (the update was skipped or not)
+                assert g["loss"] > 2 * got[i - 1]["loss"], (stage, w, g)
+                continue
+            assert abs(g["loss"] - w["loss"]) <= ATOL, (stage, w, g)

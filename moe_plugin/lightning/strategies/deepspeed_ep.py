@@ -6,7 +6,7 @@
     python train.py strategy=deepspeed_ep strategy.config=ds_config.json   # a DeepSpeed JSON or YAML config
 
 Built on Lightning's DeepSpeedStrategy and DeepSpeed's own engine (ZeRO 1/2/3, offload, precision,
-clipping, accumulation are DeepSpeed's; ZeRO-3 is refused for now, see __init__). What it changes, in the order Lightning calls it:
+clipping, accumulation are DeepSpeed's). What it changes, in the order Lightning calls it:
 
 - __init__: DeepSpeed picks its accelerator when it is imported, so our vendor layer sets DS_ACCELERATOR
   first (accelerators/deepspeed_accelerator.py; a DS_ACCELERATOR the user set is respected and checked).
@@ -23,10 +23,13 @@ clipping, accumulation are DeepSpeed's; ZeRO-3 is refused for now, see __init__)
                           DeepSpeed's fp32 master weights and optimizer state by parameter name
                           (deepspeed.utils.safe_get_full_*); resumable by deepspeed_ep or expert_parallel
                           at any EP/world size and ZeRO stage.
-    deepspeed             DeepSpeed's own checkpoint directory (engine.save_checkpoint: ZeRO shards per rank,
-                          resumable at the same layout; `moe-plugin ckpt convert` turns it into the
-                          layout-free format and back, convert/deepspeed_checkpoint.py).
+    deepspeed             DeepSpeed's own checkpoint directory (engine.save_checkpoint: ZeRO-1/2 shards per rank,
+                          resumed by DeepSpeed's own loader at the same layout, by name at any other;
+                          `moe-plugin ckpt convert` turns it into the layout-free format and back,
+                          convert/deepspeed_checkpoint.py).
   Loading accepts either kind whatever checkpoint_format says.
+- reliability: a loss-spike guard's rejected update is skipped through DeepSpeed's overflow path
+  (parallel/deepspeed_engine.skip_next_step).
 """
 
 from __future__ import annotations
@@ -89,10 +92,6 @@ def load_deepspeed_config(config: str | os.PathLike[str] | dict[str, Any] | None
     return data
 
 
-class UpdateNotSkippableError(RuntimeError):
-    """A callback asked to skip an optimizer update, which DeepSpeed's engine cannot do."""
-
-
 class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
     strategy_name = "deepspeed_ep"
 
@@ -111,7 +110,7 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         """
         Args:
             expert_parallel_size: EP, ranks each layer's experts are split over (same meaning as expert_parallel).
-            stage: ZeRO stage 1 (optimizer state partitioned) or 2 (+ gradients); 3 is refused (see __init__).
+            stage: ZeRO stage 1 (optimizer state partitioned), 2 (+ gradients) or 3 (+ parameters).
             offload_optimizer: keep optimizer state and its step on the CPU (DeepSpeed ZeRO-Offload).
             config: a DeepSpeed config (dict, JSON or YAML path); replaces stage/offload_optimizer and the
                 other DeepSpeed arguments, as in Lightning's DeepSpeedStrategy.
@@ -133,18 +132,9 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         loaded = load_deepspeed_config(config)
         zero_stage = stage if loaded is None else (loaded.get("zero_optimization") or {}).get("stage", 0)
         where = "strategy.stage" if loaded is None else "zero_optimization.stage of strategy.config"
-        if zero_stage == 3:
-            # The engine marks experts with DeepSpeed's ZeRO-3 expert placement (parallel/deepspeed_engine.py),
-            # but with DeepSpeed 0.19.8 on torch 2.13 the first backward of moe_plugin's decoder fails under
-            # ZeRO-3 in AccumulateGrad on a partitioned parameter, with and without expert parallelism.
+        if zero_stage not in (1, 2, 3):
             raise ValueError(
-                f"{where}=3: ZeRO-3 is not supported by deepspeed_ep yet (DeepSpeed 0.19.8's ZeRO-3 fails in the "
-                "first backward of moe_plugin models). Use strategy.stage=1 or 2 (optimizer state / gradients "
-                "partitioned), or strategy=expert_parallel with strategy.data_parallel_shard_size for sharded weights."
-            )
-        if zero_stage not in (1, 2):
-            raise ValueError(
-                f"{where}={zero_stage}: deepspeed_ep runs ZeRO stages 1 or 2. For no ZeRO use "
+                f"{where}={zero_stage}: deepspeed_ep runs ZeRO stages 1, 2 or 3. For no ZeRO use "
                 "strategy=expert_parallel (plain data parallel for the dense part)."
             )
         _preselect_deepspeed_accelerator()
@@ -208,35 +198,32 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         self.plan = apply_expert_parallel(module, self.mesh, self.reduce_router_counts)
         mark_expert_parameters(module, self.plan.expert_params, self.expert_parallel_size, self.zero_stage)
         super().setup(trainer)
-        self._refuse_unskippable_updates()
+        self._skip_rejected_updates()
 
-    def _refuse_unskippable_updates(self) -> None:
-        """Stop with a clear error when a loss-spike guard rejects an update: DeepSpeed cannot skip it.
+    def _skip_rejected_updates(self) -> None:
+        """Skip the optimizer update when a loss-spike guard rejects it, through DeepSpeed's overflow path.
 
         The guard skips an update by dropping `.grad` before the optimizer step; DeepSpeed's engine steps from
-        its own (partitioned) gradient buffers and has no call to discard them, so the update would be applied
-        silently. The check runs after the on_before_optimizer_step hooks and before engine.step().
+        its own (partitioned) gradient buffers, so instead the ZeRO optimizer is told to take its overflow-skip
+        path for this step (parallel/deepspeed_engine.skip_next_step): no update, gradients cleared, Adam's step
+        count unchanged, the same as a torch optimizer with no gradients. Runs after the on_before_optimizer_step
+        hooks (where the guard decides) and before engine.step().
         """
         plugin = self.precision_plugin
-        if getattr(plugin, "_moe_plugin_refuses_skips", False):
+        if getattr(plugin, "_moe_plugin_skips_rejected", False):
             return
         after_closure = plugin._after_closure
 
         def checked(model: Any, optimizer: Any) -> None:
             after_closure(model, optimizer)
             from moe_plugin.lightning.callbacks.spike import update_rejected
+            from moe_plugin.parallel.deepspeed_engine import skip_next_step
 
             if update_rejected(model.trainer):
-                raise UpdateNotSkippableError(
-                    f"step {model.trainer.global_step}: the loss-spike guard (callbacks.spike) rejected this update, "
-                    "but DeepSpeed's engine applies its step from its own gradient buffers and cannot skip it. Resume "
-                    "from the last checkpoint with strategy=expert_parallel (same checkpoint, any layout) to train "
-                    "through spikes with the guard, or set callbacks.spike=null to train on with deepspeed_ep. "
-                    "Non-finite gradients are skipped by DeepSpeed itself while trainer.gradient_clip_val > 0."
-                )
+                skip_next_step(self.deepspeed_engine.optimizer)
 
         plugin._after_closure = checked  # type: ignore[method-assign]
-        plugin._moe_plugin_refuses_skips = True  # type: ignore[attr-defined]
+        plugin._moe_plugin_skips_rejected = True  # type: ignore[attr-defined]
 
     def _init_optimizers(self) -> Any:
         from moe_plugin.parallel.deepspeed_groups import split_moe_param_groups
@@ -353,6 +340,14 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
                 return self.checkpoint_io.load_checkpoint(path)
             return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
 
+        if is_deepspeed_checkpoint(checkpoint_path) and self._same_layout_as(checkpoint_path):
+            # saved at this very layout: DeepSpeed's own loader restores its partitions (a DeepSpeed resume)
+            from moe_plugin.parallel.deepspeed_state import copy_master_weights_to_model
+
+            self._loaded_layout_free = False
+            client_state = super().load_checkpoint(checkpoint_path, weights_only)
+            copy_master_weights_to_model(self.lightning_module)  # experts are not in DeepSpeed's model-states file
+            return client_state
         if is_deepspeed_checkpoint(checkpoint_path):
             from moe_plugin.convert.deepspeed_checkpoint import to_plain_checkpoint
 
@@ -367,6 +362,17 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
                 regroup_scheduler_state(s, self.group_origin, to_original=False) for s in ckpt.get("lr_schedulers", [])
             ]
         return ckpt
+
+    def _same_layout_as(self, path: Any) -> bool:
+        """Whether a deepspeed_ep DeepSpeed directory was saved at this run's world size, EP and ZeRO stage."""
+        from moe_plugin.convert.deepspeed_checkpoint import read_record
+
+        assert self.mesh is not None
+        record = read_record(path)
+        here = (self.mesh.world_size, self.expert_parallel_size, self.zero_stage)
+        return (
+            record is not None and (record["world_size"], record["expert_parallel_size"], record["zero_stage"]) == here
+        )
 
     @property
     def lightning_restore_optimizer(self) -> bool:

@@ -90,8 +90,8 @@ def test_a_perturbed_router_is_blamed_on_the_router(ref: dict) -> None:
 
     original = router_mod.TopKRouter.forward
 
-    def skewed(self, x_TD):  # type: ignore[no-untyped-def]
-        out = original(self, x_TD)
+    def skewed(self, x_TD, *args):  # type: ignore[no-untyped-def]
+        out = original(self, x_TD, *args)
         if self is layer1_router[0]:
             out.logits_TE.mul_(1.01)
         return out

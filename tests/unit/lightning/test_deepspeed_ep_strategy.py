@@ -42,10 +42,11 @@ def test_accelerator_from_vendor_layer_and_ds_accelerator_respected() -> None:
 
 
 def test_bad_arguments_name_the_key() -> None:
-    with pytest.raises(ValueError, match=r"strategy.stage=0: deepspeed_ep runs ZeRO stages 1 or 2"):
+    with pytest.raises(ValueError, match=r"strategy.stage=0: deepspeed_ep runs ZeRO stages 1, 2 or 3"):
         DeepSpeedExpertParallelStrategy(stage=0)
-    with pytest.raises(ValueError, match=r"strategy.stage=3: ZeRO-3 is not supported by deepspeed_ep yet"):
-        DeepSpeedExpertParallelStrategy(stage=3)
+    with pytest.raises(ValueError, match=r"strategy.stage=4: deepspeed_ep runs ZeRO stages 1, 2 or 3"):
+        DeepSpeedExpertParallelStrategy(stage=4)
+    assert DeepSpeedExpertParallelStrategy(stage=3).zero_stage == 3
     with pytest.raises(ValueError, match=r"strategy.expert_parallel_size=0"):
         DeepSpeedExpertParallelStrategy(expert_parallel_size=0)
     with pytest.raises(ValueError, match=r"strategy.checkpoint_format='zero'"):
@@ -116,3 +117,16 @@ def test_scheduler_state_and_optimizer_state_by_original_groups() -> None:
     assert osd["param_groups"] == [{"lr": 1.0, "params": [0, 1]}, {"lr": 2.0, "params": [2]}]
     assert float(osd["state"][1]["step"]) == 7.0 and torch.equal(osd["state"][1]["exp_avg"], st["e"]["exp_avg"])
     assert torch_optimizer_state(st, None, names, [{}, {}])["state"] == {}  # before the first step: no state
+
+
+def test_moe_layers_become_zero3_leaf_modules() -> None:
+    """ZeRO-3 gathers a leaf module's parameters (router, experts, shared experts) for its whole forward/backward:
+    the router's dataclass output would otherwise hide the router from ZeRO-3's backward gather."""
+    from deepspeed.utils import get_z3_leaf_modules
+
+    from moe_plugin.layers.moe import moe_layers
+    from moe_plugin.parallel.deepspeed_engine import mark_moe_layers_as_zero3_leaves
+
+    model = _tiny()
+    assert mark_moe_layers_as_zero3_leaves(model) == len(moe_layers(model)) > 0
+    assert get_z3_leaf_modules(model) == moe_layers(model)
