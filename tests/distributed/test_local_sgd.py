@@ -59,12 +59,13 @@ def _load(path: str) -> dict:
 
 
 def _same_curve(run: Run, ref: Run, steps: range, flip_after: int | None = None) -> None:
-    """Losses equal to ATOL step for step; from step `flip_after` + 1 on, to a relative 1e-5 (one top-k near-tie
-    flipping on float32 rounding moves a step's loss by ~5e-5 of 5.6; a wrong average moves it by >1e-3)."""
+    """Losses equal to ATOL step for step; from step `flip_after` + 1 on, to a relative 2e-5 (one top-k near-tie
+    flipping on float32 rounding moved step 9's loss by up to 5.7e-5 of 5.6 (measured 2026-12-02 04:04, EP [2, 1]);
+    a wrong average moves it by >1e-3)."""
     got, want = run.curve(), ref.curve()
     assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
     for s in steps:
-        tol = ATOL if flip_after is None or s <= flip_after else 1e-5 * abs(want[s]["loss"])
+        tol = ATOL if flip_after is None or s <= flip_after else 2e-5 * abs(want[s]["loss"])
         assert abs(got[s]["loss"] - want[s]["loss"]) <= tol, f"{run.out_dir.name} step {s}: {got[s]} vs {want[s]}"
 
 
