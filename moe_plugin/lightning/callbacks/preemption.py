@@ -73,7 +73,7 @@ class PreemptionCheckpoint(pl.Callback):
         cb = trainer.checkpoint_callback
         folder = Path(getattr(cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / f"preempted-step{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state (optimizer too), said explicitly
         wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
         if callable(wait):
             wait()  # the process is about to end: the file must be complete first
