@@ -242,8 +242,8 @@ def to_deepspeed_directory(
     Returns the plain checkpoint it converted (for the summary)."""
     import functools
 
-    from moe_plugin.lightning.module import decay_groups
     from moe_plugin.models.decoder import MoEDecoderLM
+    from moe_plugin.models.param_groups import decay_groups
     from moe_plugin.parallel.deepspeed_export import export_deepspeed_checkpoint
 
     plain = _load_layout_free(path)

@@ -15,18 +15,7 @@ from torch import nn
 
 from moe_plugin.layers.moe import collect_aux_losses, moe_layers
 from moe_plugin.lightning.schedules import lr_multiplier
-
-
-def decay_groups(model: nn.Module, prefix: str = "") -> tuple[list[str], list[str]]:
-    """Names of the trainable parameters with and without weight decay, in configure_optimizers' order (what
-    the integer ids of a saved optimizer state refer to; offline converters rebuild the groups with this)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Norm weights, biases and 1-D parameters are not decayed (standard for transformers).
-        (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(prefix + name)
-    return decay, no_decay
+from moe_plugin.models.param_groups import decay_groups
 
 
 class MoELanguageModule(pl.LightningModule):
@@ -71,12 +60,8 @@ class MoELanguageModule(pl.LightningModule):
         lm_loss, _, aux = self._step(batch)
         loss = lm_loss if aux is None else lm_loss + aux
         bs = batch.shape[0]
-        # The global batch's losses (mean over ranks; each rank's share has the same number of tokens), so curves
-        # from different layouts compare; one 2-scalar all-reduce per step, through the strategy (local_sgd: the
-        # island). Equal to one process's loss on the same global batch (tests/distributed/test_warmup_exact.py).
-        global_loss, global_lm_loss = self._mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach()]).float())
-        self.log("train/loss", global_loss, prog_bar=True, batch_size=bs)
-        self.log("train/lm_loss", global_lm_loss, batch_size=bs)
+        # train/loss and train/lm_loss are logged from on_before_backward, as means over ranks (see there)
+        self._losses_to_log = (torch.stack([loss.detach(), lm_loss.detach()]).float(), bs)
         # logged here rather than by LearningRateMonitor, which refuses to run without a logger
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         layers = moe_layers(self.model)
@@ -87,6 +72,22 @@ class MoELanguageModule(pl.LightningModule):
                 if values:
                     self.log(f"train/{key}", torch.stack(values).mean(), batch_size=bs)
         return loss
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Log the global batch's losses (mean over ranks; each rank's share has the same number of tokens), so
+        curves from different layouts compare: one 2-scalar all-reduce per micro-batch, through the strategy
+        (local_sgd: the island). Equal to one process's loss on the same global batch
+        (tests/distributed/test_warmup_exact.py). Done here, not in training_step: the straggler monitor takes
+        forward (training_step) as free of collectives, and Lightning calls callbacks' on_before_backward
+        before this hook, so the all-reduce is timed inside backward, with the gradient all-reduce."""
+        pending = getattr(self, "_losses_to_log", None)
+        if pending is None:
+            return
+        self._losses_to_log = None
+        losses, bs = pending
+        global_loss, global_lm_loss = self._mean_over_ranks(losses)
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", global_lm_loss, batch_size=bs)
 
     def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer
