@@ -81,10 +81,15 @@ class AllReduceReduceScatter(_Alloc, ReduceScatter):
         return None
 
 
-def use_all_reduce(comms: str, group: dist.ProcessGroup | None) -> bool:
-    """Whether `comms` ("auto": when the group's backend is gloo) selects the all_reduce-based collectives."""
+def check_comms(comms: str) -> str:
+    """`comms` if it is one of COMMS, else a ValueError naming strategy.fsdp_comms."""
     if comms not in COMMS:
         raise ValueError(f"strategy.fsdp_comms={comms!r} is not one of {COMMS}.")
-    if comms == "auto":
+    return comms
+
+
+def use_all_reduce(comms: str, group: dist.ProcessGroup | None) -> bool:
+    """Whether `comms` ("auto": when the group's backend is gloo) selects the all_reduce-based collectives."""
+    if check_comms(comms) == "auto":
         return group is not None and dist.get_backend(group) == "gloo"
     return comms == "all_reduce"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import STEPS, Run, train
+from train_runs import STEPS, Run, ok, same_curve, train
 
 from moe_plugin.cli.main import main as cli
 from moe_plugin.lightning.checkpoint_io import check_checkpoint, find_latest_valid
@@ -54,23 +54,10 @@ def ds(stage: int, ep: int, *more: str) -> tuple[str, ...]:
     )
 
 
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-5000:]}"
-    return run
-
-
-def _same_curve(run: Run, ref: Run, steps: range, keys: tuple[str, ...] = ("loss",), atol: float = ATOL) -> None:
-    got, want = run.curve(), ref.curve()
-    assert sorted(got) == list(steps), f"{run.out_dir.name} recorded steps {sorted(got)}"
-    for s in steps:
-        for k in keys:
-            assert abs(got[s][k] - want[s][k]) <= atol, f"{run.out_dir.name} step {s} {k}: {got[s][k]} vs {want[s][k]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("deepspeed_ep")
-    return {"tmp": tmp, "R": _ok(train(tmp, "R", 1, None)), "Z2": _ok(train(tmp, "Z2", 2, None, strategy=ds(2, 2)))}
+    return {"tmp": tmp, "R": ok(train(tmp, "R", 1, None)), "Z2": ok(train(tmp, "Z2", 2, None, strategy=ds(2, 2)))}
 
 
 def _same_state_as_reference(run: Run, ref: Run, tmp: Path, step: int = STEPS) -> None:
@@ -93,40 +80,40 @@ def _same_state_as_reference(run: Run, ref: Run, tmp: Path, step: int = STEPS) -
 
 def test_zero2_ep2_equals_one_process(runs: dict) -> None:
     R, Z2 = runs["R"], runs["Z2"]
-    _same_curve(Z2, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    same_curve(Z2, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     _same_state_as_reference(Z2, R, runs["tmp"])
 
 
 def test_zero3_ep2_equals_one_process_and_resumes(runs: dict) -> None:
     """ZeRO-3 partitions the parameters too (experts over the expert-data group): same curve and state as R."""
     tmp, R = runs["tmp"], runs["R"]
-    Z3 = _ok(train(tmp, "Z3", 2, None, strategy=ds(3, 2)))
-    _same_curve(Z3, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    Z3 = ok(train(tmp, "Z3", 2, None, strategy=ds(3, 2)))
+    same_curve(Z3, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     _same_state_as_reference(Z3, R, tmp)
-    C = _ok(train(tmp, "R10_to_Z3", 2, None, ckpt=R.checkpoint(10), strategy=ds(3, 2)))
-    _same_curve(C, R, range(11, STEPS + 1))
+    C = ok(train(tmp, "R10_to_Z3", 2, None, ckpt=R.checkpoint(10), strategy=ds(3, 2)))
+    same_curve(C, R, range(11, STEPS + 1))
 
 
 def test_deepspeed_ep_checkpoint_resumes_in_expert_parallel_ep1(runs: dict) -> None:
-    B = _ok(train(runs["tmp"], "Z2_10_to_ep1", 1, 1, ckpt=runs["Z2"].checkpoint(10)))
-    _same_curve(B, runs["R"], range(11, STEPS + 1))
+    B = ok(train(runs["tmp"], "Z2_10_to_ep1", 1, 1, ckpt=runs["Z2"].checkpoint(10)))
+    same_curve(B, runs["R"], range(11, STEPS + 1))
 
 
 def test_plain_checkpoint_resumes_in_deepspeed_ep(runs: dict) -> None:
-    C = _ok(train(runs["tmp"], "R10_to_Z2", 2, None, ckpt=runs["R"].checkpoint(10), strategy=ds(2, 2)))
-    _same_curve(C, runs["R"], range(11, STEPS + 1))
+    C = ok(train(runs["tmp"], "R10_to_Z2", 2, None, ckpt=runs["R"].checkpoint(10), strategy=ds(2, 2)))
+    same_curve(C, runs["R"], range(11, STEPS + 1))
 
 
 def test_zero1_on_4_processes_deepspeed_checkpoints_convert(runs: dict) -> None:
     tmp, R = runs["tmp"], runs["R"]
-    Z1 = _ok(train(tmp, "Z1_w4", 4, None, strategy=ds(1, 2, "strategy.checkpoint_format=deepspeed"), timeout=600))
-    _same_curve(Z1, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    Z1 = ok(train(tmp, "Z1_w4", 4, None, strategy=ds(1, 2, "strategy.checkpoint_format=deepspeed"), timeout=600))
+    same_curve(Z1, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     ds_dir = Z1.checkpoint(10)
     assert (ds_dir / "latest").is_file(), sorted(p.name for p in ds_dir.iterdir())
     converted = tmp / "Z1_10.ckpt"
     assert cli(["ckpt", "convert", str(ds_dir), str(converted)]) == 0
-    D = _ok(train(tmp, "Z1_10_to_plain", 1, None, ckpt=converted))
-    _same_curve(D, R, range(11, STEPS + 1))
+    D = ok(train(tmp, "Z1_10_to_plain", 1, None, ckpt=converted))
+    same_curve(D, R, range(11, STEPS + 1))
 
 
 def test_layout_free_to_deepspeed_directory_and_back(runs: dict) -> None:
@@ -150,16 +137,16 @@ def test_layout_free_to_deepspeed_directory_and_back(runs: dict) -> None:
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(got["optimizer_states"][0]["state"][i][k]), torch.as_tensor(v)), (i, k)
     assert got["lr_schedulers"] == want["lr_schedulers"] and got["global_step"] == want["global_step"] == 10
-    E = _ok(train(tmp, "Z2_10_deepspeed_to_Z2", 2, None, ckpt=ds_dir, strategy=ds(2, 2)))
-    _same_curve(E, R, range(11, STEPS + 1))
+    E = ok(train(tmp, "Z2_10_deepspeed_to_Z2", 2, None, ckpt=ds_dir, strategy=ds(2, 2)))
+    same_curve(E, R, range(11, STEPS + 1))
 
 
 def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
     """2 micro-batches per step: DeepSpeed accumulates and scales (1/2), experts reduced once per step."""
     tmp = runs["tmp"]
     acc = ("trainer.accumulate_grad_batches=2", "trainer.max_steps=6")
-    ref = _ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
-    z = _ok(train(tmp, "acc_z2", 2, None, extra=acc, batch_size=2, strategy=ds(2, 2)))
+    ref = ok(train(tmp, "acc_ref", 1, None, extra=acc, batch_size=4))
+    z = ok(train(tmp, "acc_z2", 2, None, extra=acc, batch_size=2, strategy=ds(2, 2)))
     want, got = ref.rows(), z.rows()
     assert len(want) == len(got) == 12
     for w, g in zip(want, got):
@@ -179,9 +166,9 @@ def test_preemption_exits_143_and_resume_auto_continues(runs: dict) -> None:
     saved = first.out_dir / "checkpoints" / "preempted-step000008.ckpt"
     assert check_checkpoint(saved).valid, check_checkpoint(saved).reason
     assert check_checkpoint(find_latest_valid(first.out_dir / "checkpoints")).global_step == 8
-    again = _ok(train(tmp, "Z2_preempted", 1, None, extra=sigterm, strategy=ds(2, 1)))  # resume=auto (default)
+    again = ok(train(tmp, "Z2_preempted", 1, None, extra=sigterm, strategy=ds(2, 1)))  # resume=auto (default)
     assert "resuming from" in again.output and "preempted-step000008" in again.output
-    _same_curve(again, R, range(1, STEPS + 1))
+    same_curve(again, R, range(1, STEPS + 1))
 
 
 def _spike_events(run: Run) -> list[dict]:
@@ -200,12 +187,12 @@ def test_rejected_update_is_skipped_like_one_process(runs: dict) -> None:
         "callbacks.spike.warmup_steps=3",
         "trainer.max_steps=12",
     )
-    ref = _ok(train(tmp, "spike_ref", 1, None, extra=spike))
+    ref = ok(train(tmp, "spike_ref", 1, None, extra=spike))
     assert [e["event"] for e in _spike_events(ref)][:1] == ["retry"], _spike_events(ref)
     want = ref.rows()
     assert len(want) == 12  # the rejected step counts as a step (its batch is retried at the next)
     for stage in (2, 3):
-        z = _ok(train(tmp, f"spike_z{stage}", 2, None, extra=spike, strategy=ds(stage, 2)))
+        z = ok(train(tmp, f"spike_z{stage}", 2, None, extra=spike, strategy=ds(stage, 2)))
         assert [e["event"] for e in _spike_events(z)][:1] == ["retry"], _spike_events(z)
         got = z.rows()
         assert len(got) == len(want)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_runs import Run, train
+from train_runs import ok, train
 
 from moe_plugin.cli.main import main as cli
 from moe_plugin.convert.hf.source import load_model
@@ -31,10 +31,9 @@ def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_to_hf_and_load_model_read_format2_directly(tmp_path: Path) -> None:
-    run: Run = train(
-        tmp_path, "v2", 2, 1, extra=("strategy.data_parallel_shard_size=2", "trainer.max_steps=4"), save_every=4
+    run = ok(
+        train(tmp_path, "v2", 2, 1, extra=("strategy.data_parallel_shard_size=2", "trainer.max_steps=4"), save_every=4)
     )
-    assert run.returncode == 0, run.output[-4000:]
     ckpt = run.checkpoint(4)
     layout = torch.load(ckpt / "meta.pt", weights_only=True)["moe_plugin_layout"]
     assert layout["format_version"] == 2 and layout["dense_dcp"]

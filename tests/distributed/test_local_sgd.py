@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import ROOT, STEPS, Run, train
+from train_runs import ROOT, STEPS, Run, ok, train
 
 from moe_plugin.lightning.checkpoint_io import check_checkpoint
 from moe_plugin.lightning.events import read_events
@@ -47,11 +47,6 @@ REFERENCE = (
     "strategy.timeout_seconds=60",
 )
 EDIT = ("strategy=local_sgd", "strategy.island_size=1", "strategy.sync_every_steps=3", "strategy.timeout_seconds=60")
-
-
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-4000:]}"
-    return run
 
 
 def _load(path: str) -> dict:
@@ -81,11 +76,11 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp: Path) -> Run:
-    return _ok(train(tmp, "R", 1, None, extra=EQUAL))
+    return ok(train(tmp, "R", 1, None, extra=EQUAL))
 
 
 def test_sync_every_step_equals_data_parallel(tmp: Path, reference: Run) -> None:
-    A = _ok(train(tmp, "islands_1x2", 2, None, extra=EQUAL, strategy=(*REFERENCE, "strategy.island_size=1")))
+    A = ok(train(tmp, "islands_1x2", 2, None, extra=EQUAL, strategy=(*REFERENCE, "strategy.island_size=1")))
     # step 9 holds a top-k near-tie: measured 2026-12-02, |diff| 9.5e-6 at 01:56 and 3.0e-5 at 03:56 (the
     # one-process reference itself moved by 1.6e-5 there between main's commits) while steps 1-8 agree to 5e-6
     # and the weights at step 10 to 5.4e-6; a wrong average moves a step's loss by >1e-3
@@ -98,7 +93,7 @@ def test_sync_every_step_equals_data_parallel(tmp: Path, reference: Run) -> None
 
 def test_islands_of_two_with_different_ep_sizes_equal_data_parallel(tmp: Path, reference: Run) -> None:
     """Island 0 shards experts over 2 ranks, island 1 holds them all on each of its 2 ranks."""
-    B = _ok(
+    B = ok(
         train(
             tmp,
             "islands_2x2_ep21",
@@ -136,7 +131,7 @@ def test_islands_of_two_with_different_ep_sizes_equal_data_parallel(tmp: Path, r
 
 @pytest.fixture(scope="module")
 def edit_run(tmp: Path) -> Run:
-    return _ok(train(tmp, "E", 2, None, strategy=EDIT))
+    return ok(train(tmp, "E", 2, None, strategy=EDIT))
 
 
 def test_edit_islands_keep_their_own_adamw_state(edit_run: Run) -> None:
@@ -161,7 +156,7 @@ def test_edit_islands_keep_their_own_adamw_state(edit_run: Run) -> None:
 
 def test_resume_mid_round_is_exact(tmp: Path, edit_run: Run) -> None:
     """Step 10 is inside a round (rounds of 3): each island resumes its own weights, AdamW and round."""
-    C = _ok(train(tmp, "E10", 2, None, strategy=EDIT, ckpt=edit_run.checkpoint(10)))
+    C = ok(train(tmp, "E10", 2, None, strategy=EDIT, ckpt=edit_run.checkpoint(10)))
     _same_curve(C, edit_run, range(11, STEPS + 1))
 
 
@@ -179,7 +174,7 @@ def test_killed_island_then_resume_auto(tmp: Path, edit_run: Run) -> None:
     assert "local_sgd: island 0" in K.output and "stops" in K.output, K.output[-3000:]
     assert "resume all islands from the last checkpoint" in K.output, K.output[-3000:]
     assert check_checkpoint(folder / "checkpoints" / "step000010.ckpt").valid
-    again = _ok(train(tmp, "K", 2, None, strategy=EDIT, extra=kill))  # the kill fires once per run folder
+    again = ok(train(tmp, "K", 2, None, strategy=EDIT, extra=kill))  # the kill fires once per run folder
     assert "resuming from" in again.output
     got = {r["step"]: r for r in again.rows()}  # the resumed run's rows are appended after the first run's
     for s in range(11, STEPS + 1):
@@ -203,12 +198,12 @@ def test_consolidated_island_checkpoint_loads_under_expert_parallel_and_export(t
         torch.testing.assert_close(ck["state_dict"][k], want[k], rtol=0, atol=0)
     load_model(out)  # the export reader's strict load
     # strict load under expert_parallel (EP 2 slices the experts), and training continues from step 11
-    R = _ok(train(tmp, "from_consolidated", 2, 2, ckpt=out))
+    R = ok(train(tmp, "from_consolidated", 2, 2, ckpt=out))
     assert sorted(R.curve()) == list(range(11, STEPS + 1))
 
 
 def test_time_based_fast_island_takes_more_steps(tmp: Path) -> None:
-    T = _ok(
+    T = ok(
         train(
             tmp,
             "T",

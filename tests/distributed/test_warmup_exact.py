@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_runs import STEPS, Run, train
+from train_runs import STEPS, Run, ok, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -26,16 +26,11 @@ WARMUP = (
 )
 
 
-def _ok(run: Run) -> Run:
-    assert run.returncode == 0, f"run in {run.out_dir} failed ({run.seconds:.0f} s):\n{run.output[-4000:]}"
-    return run
-
-
 def _run(tmp, name: str, world: int, ep: int | None, **kw) -> Run:
     out = tmp / name
     run = train(tmp, name, world, ep, extra=(*WARMUP, f"+callbacks.warmup.path={out}/warmup.jsonl"), **kw)
     # the warmup must stay on: train_runs turns it off for the other tests, the later override wins
-    return _ok(run)
+    return ok(run)
 
 
 def _warmup_rows(run: Run) -> dict[int, dict]:

@@ -26,10 +26,13 @@ Nothing happens for layers without warmup / bias, so it is safe to keep on by de
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from moe_plugin.data.sampler import GlobalOrderSampler
@@ -79,15 +82,12 @@ class RouterUpdates(Callback):
         if isinstance(sampler, GlobalOrderSampler):
             first = sampler.first_sample(self._micro_batch)
         else:  # another sampler: contiguous shares in rank order assumed (exact per layout, not across layouts)
-            first_tensor = batch if isinstance(batch, torch.Tensor) else next(iter(_tensors(batch)), None)
-            bs = int(first_tensor.shape[0]) if first_tensor is not None and first_tensor.dim() else 1
+            try:
+                bs = extract_batch_size(batch)
+            except MisconfigurationException:  # no tensor in the batch
+                bs = 1
             first = (self._micro_batch * trainer.world_size + trainer.global_rank) * bs
-        strategy = trainer.strategy
-
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            return strategy.reduce(t, reduce_op="sum")
-
-        return NoiseKeys(seed=seed, first_sample=first, reduce=reduce if trainer.world_size > 1 else None)
+        return NoiseKeys(seed=seed, first_sample=first, reduce=_sum_over_ranks(trainer))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._step_open = False
@@ -95,7 +95,7 @@ class RouterUpdates(Callback):
             commit_routing_warmup(
                 pl_module,
                 accepted=not update_rejected(trainer),
-                reduce=(lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None,
+                reduce=_sum_over_ranks(trainer),
             )
         layers = [m for m in moe_layers(pl_module) if m.router.expert_bias_E is not None]
         if not layers or update_rejected(trainer):
@@ -113,11 +113,9 @@ class RouterUpdates(Callback):
         return {}
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        return [t for b in batch for t in _tensors(b)]
-    return []
+def _sum_over_ranks(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Sums a tensor over the ranks through the strategy; None for one process (nothing to reduce)."""
+    if trainer.world_size <= 1:
+        return None
+    strategy = trainer.strategy
+    return lambda t: strategy.reduce(t, reduce_op="sum")

@@ -59,7 +59,7 @@ from moe_plugin.parallel.checkpoint import (
     shard_file_name,
 )
 from moe_plugin.parallel.consensus import min_over_ranks
-from moe_plugin.parallel.fsdp_comms import COMMS
+from moe_plugin.parallel.fsdp_comms import check_comms
 from moe_plugin.parallel.grads import (
     broadcast_dense_states,
     clip_grad_norm_expert_parallel,
@@ -146,9 +146,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         self.data_parallel_replicate_size = data_parallel_replicate_size
         self.offload_optimizer = bool(offload_optimizer)
         self.meta_init = self.data_parallel_shard_size > 1 if meta_init is None else bool(meta_init)
-        if fsdp_comms not in COMMS:
-            raise ValueError(f"strategy.fsdp_comms={fsdp_comms!r} is not one of {COMMS}.")
-        self.fsdp_comms = fsdp_comms
+        self.fsdp_comms = check_comms(fsdp_comms)
         self.mesh: ExpertParallelMesh | None = None
         self.plan: ExpertParallelPlan | None = None
 
