@@ -117,8 +117,8 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             meta_init: build the model on the meta device (model_init_context) and materialise only this rank's
                 shards with the layout-independent init of parallel/materialise.py. None = on when
                 data_parallel_shard_size > 1 (no rank ever holds the whole model).
-            fsdp_comms: FSDP2's all-gather / reduce-scatter: "auto" (expressed as all_reduce on gloo, where that is
-                2-3x faster: parallel/fsdp_comms.py), "native" or "all_reduce".
+            fsdp_comms: FSDP2's all-gather / reduce-scatter: "auto" (point-to-point exchanges on gloo, where that is
+                about 2x faster than its collectives: parallel/fsdp_comms.py), "native", "p2p" or "all_reduce".
             expert_shard_size: ES, over how many of their W / EP data-parallel ranks experts are fully sharded
                 (data_parallel_shard_size > 1): a divisor of W / EP; None = W / EP (parallel/mesh.py).
             kwargs: passed to DDPStrategy / DistributedDataParallel.
