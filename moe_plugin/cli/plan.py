@@ -62,7 +62,9 @@ OWN_KEYS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", help="model=NAME hardware=NAME devices=N [key=value ...] (see --help)")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="model=NAME hardware=NAME devices=N [key=value ...] (see --help)"
+    )
     parser.add_argument("--all", action="store_true", help="print every layout that does not fit, with its reason")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
