@@ -167,11 +167,6 @@ def test_gradient_accumulation_equals_one_process(runs: dict) -> None:
 FAULTS = "callbacks=[default,fault_injection]"
 
 
-def rank_logs(run: Run) -> list[str]:
-    """Each rank's log file in the run folder (Hydra: train.log for rank 0, train_ddp_process_R.log for rank R)."""
-    return [p.read_text() for p in sorted(run.out_dir.glob("train*.log"))]
-
-
 def test_sigterm_on_one_rank_stops_both_with_a_checkpoint_and_resume_auto_continues(runs: dict) -> None:
     """2 processes, ZeRO-2 EP=2, SIGTERM to rank 1 only at step 7. Lightning's own handler broadcast inside the
     signal handler, so rank 1 waited in that broadcast while rank 0 was in the next all-to-all (gloo "Connection
@@ -181,7 +176,7 @@ def test_sigterm_on_one_rank_stops_both_with_a_checkpoint_and_resume_auto_contin
     sigterm = (FAULTS, "+callbacks.fault_injection.faults=[{kind: sigterm, step: 7, rank: 1}]")
     first = train(tmp, "Z2_preempted", 2, None, extra=sigterm, strategy=ds(2, 2))
     assert first.returncode == 143, first.output[-3000:]  # 128 + SIGTERM: preempted, not finished
-    logs = rank_logs(first)
+    logs = first.rank_logs()
     assert len(logs) == 2 and all("exits with status 143" in log for log in logs), first.output[-3000:]
     assert "sigterm at step 7 on rank 1" in logs[1] and "fault injection" not in logs[0]  # rank 0 got no signal
     saved = first.out_dir / "checkpoints" / "preempted-step000008.ckpt"

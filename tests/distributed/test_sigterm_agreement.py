@@ -30,7 +30,7 @@ def test_sigterm_forwarded_by_lightnings_launcher_stops_both_ranks_at_one_step(t
     ref = ok(train(tmp_path, "ref", 1, None))
     first = train(tmp_path, "ep2", 2, 2, extra=SIGTERM_RANK0)
     assert first.returncode == 143, first.output[-3000:]
-    logs = [p.read_text() for p in sorted(first.out_dir.glob("train*.log"))]  # rank 0, rank 1
+    logs = first.rank_logs()
     assert len(logs) == 2 and all("exits with status 143" in log for log in logs), first.output[-3000:]
     assert "received SIGTERM" in logs[1]  # forwarded by rank 0's launcher
     saved = first.out_dir / "checkpoints" / "preempted-step000008.ckpt"
