@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ops", action="store_true", help="fingerprint single operators instead of training steps (step 1)"
     )
     rec.add_argument(
-        "overrides", nargs="*", help="model overrides, e.g. model.hidden_size=128 model.moe.num_experts=16"
+        "overrides", nargs="*", default=[], help="model overrides, e.g. model.hidden_size=128 model.moe.num_experts=16"
     )
 
     cmp = sub.add_parser("compare", help="first divergent step and module between two records; exit code for CI")

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = sub.add_parser("to-hf", help="our checkpoint (file or expert-parallel directory) -> Hugging Face folder")
     t.add_argument("src", help="checkpoint file or sharded checkpoint directory")
     t.add_argument("dst", help="output folder")
-    t.add_argument("overrides", nargs="*", help="model config when the checkpoint lacks it: model=NAME model.k=v")
+    t.add_argument(
+        "overrides", nargs="*", default=[], help="model config when the checkpoint lacks it: model=NAME model.k=v"
+    )
     t.add_argument("--family", default=None, help="mixtral, qwen2_moe, qwen3_moe, olmoe or bailing_moe (default: auto)")
     t.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: as saved)")
     t.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB (default 2GB)")

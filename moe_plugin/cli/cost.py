@@ -34,7 +34,9 @@ OWN_KEYS = ("mfu", "tokens", "attention", "seq_len", "throughput", "devices", "c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", help="model=NAME hardware=NAME mfu=0.21 tokens=1e12 ... (see --help)")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="model=NAME hardware=NAME mfu=0.21 tokens=1e12 ... (see --help)"
+    )
     parser.add_argument(
         "--compare",
         nargs="?",

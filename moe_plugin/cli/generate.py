@@ -28,7 +28,9 @@ OPTIONS: dict[str, type] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", help="checkpoint file or expert-parallel checkpoint directory")
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("overrides", nargs="*", help="max_new_tokens=64 temperature=0.8 top_k=50 seed=0 ...")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="max_new_tokens=64 temperature=0.8 top_k=50 seed=0 ..."
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

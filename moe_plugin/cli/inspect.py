@@ -19,7 +19,9 @@ HELP = "Total and activated parameters and FLOPs per token of a model config (bu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=ling_lite data.seq_len=4096")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="Hydra overrides, e.g. model=ling_lite data.seq_len=4096"
+    )
     parser.add_argument(
         "--seq-len",
         type=int,

@@ -40,6 +40,10 @@ class Run:
     def checkpoint(self, step: int) -> Path:
         return self.out_dir / "checkpoints" / f"step{step:06d}.ckpt"
 
+    def rank_logs(self) -> list[str]:
+        """Each rank's log file, in rank order (Hydra: train.log for rank 0, train_ddp_process_R.log for rank R)."""
+        return [p.read_text() for p in sorted(self.out_dir.glob("train*.log"))]
+
 
 def train(
     tmp: Path,

@@ -137,6 +137,11 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
                 f"{where}={zero_stage}: deepspeed_ep runs ZeRO stages 1, 2 or 3. For no ZeRO use "
                 "strategy=expert_parallel (plain data parallel for the dense part)."
             )
+        if checkpoint_format == "deepspeed" and zero_stage == 3:  # refused now, not at the first checkpoint
+            raise ValueError(
+                f"strategy.checkpoint_format=deepspeed with {where}=3: DeepSpeed directories are written and read for "
+                "ZeRO-1/2 only. Use strategy.checkpoint_format=moe_plugin (layout-free; it resumes at any stage)."
+            )
         _preselect_deepspeed_accelerator()
         super().__init__(
             stage=stage,

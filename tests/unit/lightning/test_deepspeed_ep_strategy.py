@@ -51,6 +51,8 @@ def test_bad_arguments_name_the_key() -> None:
         DeepSpeedExpertParallelStrategy(expert_parallel_size=0)
     with pytest.raises(ValueError, match=r"strategy.checkpoint_format='zero'"):
         DeepSpeedExpertParallelStrategy(checkpoint_format="zero")
+    with pytest.raises(ValueError, match=r"checkpoint_format=deepspeed with strategy.stage=3.*checkpoint_format=moe"):
+        DeepSpeedExpertParallelStrategy(stage=3, checkpoint_format="deepspeed")
     with pytest.raises(ValueError, match=r"strategy.config='/no/such.json': no such file"):
         DeepSpeedExpertParallelStrategy(config="/no/such.json")
     with pytest.raises(ValueError, match=r"zero_optimization.stage of strategy.config=0"):
