@@ -10,7 +10,8 @@ Layouts (all on 4 processes, the same global batch):
            expert-data-parallel ranks (ES = W / EP = 2); built on the meta device;
 - ep2_s4:  EP 2 x shard 4: dense part sharded over 4; experts fully sharded over their 2 DP ranks (ES 2);
 - variants (--layouts): ep2_s2_keep (no resharding after forward), ep2_s2_native (gloo's own all-gather and
-  reduce-scatter instead of parallel/fsdp_comms.py's all_reduce form).
+  reduce-scatter instead of parallel/fsdp_comms.py's point-to-point form, the default on gloo), ep2_s2_allreduce
+  (fsdp_comms.py's all_reduce form), ep2_s2_es1 (strategy.expert_shard_size=1: whole experts on both replicas).
 --profile adds torch.profiler's view of the slowest rank: ms per step inside FSDP2's hooks (all-gather copy-in,
 waits, copy-out, reduce-scatter), inside c10d calls, and the top operators by self time and allocated bytes.
 Per layout, the largest rank's:
@@ -62,6 +63,8 @@ LAYOUTS: dict[str, tuple[int, int, dict[str, Any]]] = {
 VARIANTS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "ep2_s2_keep": (2, 2, {"reshard_after_forward": False}),  # no all-gather in backward, whole blocks kept
     "ep2_s2_native": (2, 2, {"comms": "native"}),  # gloo's own all-gather / reduce-scatter (fsdp_comms.py)
+    "ep2_s2_allreduce": (2, 2, {"comms": "all_reduce"}),  # each as one all_reduce (the previous default)
+    "ep2_s2_es1": (2, 2, {"expert_shard_size": 1}),  # experts not sharded: no expert all-gathers, more memory
 }
 _COLLECTIVE = [0.0]
 
@@ -97,6 +100,18 @@ def _time_collectives() -> None:
                 _COLLECTIVE[0] += time.perf_counter() - t0
 
         setattr(dist, name, wrapped)
+    from moe_plugin.parallel import fsdp_comms  # the point-to-point forms: launch and wait together
+
+    exchange = fsdp_comms._exchange
+
+    def timed_exchange(ops: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            exchange(ops)
+        finally:
+            _COLLECTIVE[0] += time.perf_counter() - t0
+
+    fsdp_comms._exchange = timed_exchange
 
 
 def _union_ms(spans: list[tuple[float, float]]) -> float:
@@ -168,13 +183,16 @@ def _worker(
     from moe_plugin.parallel.sharding import apply_sharded_data_parallel
 
     base = _rss_mb()
-    mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard)
+    options = dict(options or {})
+    mesh = build_expert_parallel_mesh(
+        ep, data_parallel_shard_size=shard, expert_shard_size=options.pop("expert_shard_size", None)
+    )
     if shard > 1 or layout.startswith("setup"):
         with meta_init_context():
             model = MoEDecoderLM(**MODEL)
         plan = apply_expert_parallel(model, mesh)
         if shard > 1:
-            apply_sharded_data_parallel(model, mesh, **(options or {}))
+            apply_sharded_data_parallel(model, mesh, **options)
         materialise_(model, 0, "cpu", plan.expert_params)
         wrapped = model
     else:

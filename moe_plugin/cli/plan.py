@@ -4,12 +4,15 @@ fast they run and what 1T tokens cost; for the others, which memory term does no
     moe-plugin plan model=ling_plus hardware=device_d devices=1024
     moe-plugin plan model=ling_plus hardware=device_a devices=512 precision=bf16-mixed micro_batch=1,2
     moe-plugin plan model=ling_lite hardware=h800 devices=64 checkpointing=full shard=64 --json
+    moe-plugin plan model=ling_lite hardware=h800 devices=64 expert_shard=auto,1   # also whole experts per replica
 
 Keys (key=value): model=NAME and model.*; hardware=NAME and hardware.* (catalog entry and field
 overrides, e.g. hardware.memory_gb=96); devices (required); seq_len (default model.max_seq_len);
 micro_batch, ep, shard, checkpointing (one value or a comma-separated list to consider; default all;
 checkpointing `full` = model.activation_checkpointing=full, `selective` = the routed experts only,
 model.activation_checkpointing=selective model.activation_checkpointing_target=experts);
+expert_shard (strategy.expert_shard_size values to consider, comma-separated: `auto` = the default, every
+expert fully sharded over its W / EP data-parallel ranks, or a number; default auto);
 precision (32-true | bf16-mixed | bf16-true, default bf16-mixed); mfu (fraction of peak while computing,
 default 0.21); usable (fraction of device memory for tensors, default 0.9); global_batch (sequences per
 optimizer step; default one micro-batch per rank); imbalance (busiest rank's routed copies / the mean,
@@ -47,6 +50,7 @@ OWN_KEYS = (
     "ep",
     "shard",
     "checkpointing",
+    "expert_shard",
     "precision",
     "mfu",
     "usable",
@@ -80,6 +84,14 @@ def _ints(key: str, value: str) -> tuple[int, ...]:
     out = tuple(_number(key, v.strip(), int) for v in value.split(",") if v.strip())
     if not out or any(v < 1 for v in out):
         raise ValueError(f"{key}={value!r} must be positive integers, e.g. {key}=1 or {key}=1,2,4.")
+    return out
+
+
+def _expert_shards(value: str) -> tuple[int | None, ...]:
+    """expert_shard=auto,1,2 -> (None, 1, 2): None is the mesh's default rule (ES = W / EP)."""
+    out = tuple(None if v.strip() == "auto" else _ints("expert_shard", v)[0] for v in value.split(",") if v.strip())
+    if not out:
+        raise ValueError(f"expert_shard={value!r} must be `auto` or positive integers, e.g. expert_shard=auto,1.")
     return out
 
 
@@ -137,6 +149,7 @@ def build_plan(overrides: list[str]) -> PlanResult:
         checkpointing=ckpt,
         eps=_ints("ep", own["ep"]) if "ep" in own else None,
         shards=_ints("shard", own["shard"]) if "shard" in own else None,
+        expert_shards=_expert_shards(own.get("expert_shard", "auto")),
         usable_fraction=_number("usable", own.get("usable", "0.9")),
         global_batch=global_batch,
         imbalance=_number("imbalance", own.get("imbalance", "1.0")),
@@ -211,7 +224,7 @@ def _row(i: int, e: PlanEntry) -> str:
     cost = f"{c.cost / 1e6:9.2f}M {c.currency}" if c is not None else f"{'-':>13s}"
     mfu = f"{c.mfu:5.3f}" if c is not None else "  -  "
     return (
-        f"{i:>4} {L.ep:>4} {L.shard:>5} {L.replicate:>5} {L.checkpointing:>9} {L.micro_batch:>3} "
+        f"{i:>4} {L.ep:>4} {L.shard:>5} {L.replicate:>5} {L.expert_shard:>4} {L.checkpointing:>9} {L.micro_batch:>3} "
         f"{m.peak / GB:8.1f} {t.step_s:8.2f} {t.tokens_per_s_per_device:10,.0f} {mfu} {cost}"
     )
 
@@ -231,7 +244,7 @@ def print_text(result: PlanResult, show_all: bool, top: int) -> None:
     print(f"\n{len(fitting)} of {len(result.entries)} layouts fit; fastest per token first:")
     if fitting:
         print(
-            f"{'rank':>4} {'EP':>4} {'shard':>5} {'rep':>5} {'ckpt':>9} {'mb':>3} {'peak GB':>8} {'step s':>8} "
+            f"{'rank':>4} {'EP':>4} {'shard':>5} {'rep':>5} {'ES':>4} {'ckpt':>9} {'mb':>3} {'peak GB':>8} {'step s':>8} "
             f"{'tok/s/dev':>10} {'MFU':>5} {'cost per 1T tok':>15}"
         )
         for i, e in enumerate(fitting[:top], 1):

@@ -316,7 +316,8 @@ def _layout_rules(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy.data_parallel_shard_size={shard!r} must be an integer >= 1.")
     try:
         w = world if world is not None else max(ep, shard)
-        check_layout(w, ep, [num_experts], shard, replicate if world is not None else None)
+        es = strategy.get("expert_shard_size")
+        check_layout(w, ep, [num_experts], shard, replicate if world is not None else None, es if world else None)
     except LayoutError as err:
         raise ConfigError(str(err)) from None
 

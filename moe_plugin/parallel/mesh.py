@@ -29,7 +29,10 @@ ES = DP whenever S > 1: every expert is fully sharded over all its expert-data-p
 as issue 10 asks, so expert weights, gradients and Adam moments cost 16 B x P_experts / W per rank
 whatever the split between EP and S. (torchtitan carves EP out of the shard axis, ES = S / EP, which
 leaves experts replicated when EP = S: EP 2 x S 2 would keep the experts' whole state on both DP ranks.)
-With S = 1 the experts stay replicated over DP (DDP, ES = 1, ER = DP). The expert coordinates keep
+With S = 1 the experts stay replicated over DP (DDP, ES = 1, ER = DP). `strategy.expert_shard_size` picks
+another ES when S > 1: any divisor of DP (valid_expert_shard_sizes), e.g. ES = 1 keeps whole experts on every
+DP replica (no expert all-gathers, their gradients all-reduced over ER = DP: faster where memory allows), an
+ES between 1 and DP is HSDP of the experts. The expert coordinates keep
 dp_rank = er * ES + es = rank // EP, so the all-to-all groups and the checkpoint's expert ranges are
 those of the S = 1 layout.
 
@@ -58,6 +61,7 @@ def check_layout(
     num_experts: list[int] | tuple[int, ...] = (),
     data_parallel_shard_size: int = 1,
     data_parallel_replicate_size: int | None = None,
+    expert_shard_size: int | None = None,
 ) -> None:
     """Raise LayoutError naming the config key and the fix. Pure: safe to call before any process waits."""
     ep, w, s = expert_parallel_size, world_size, data_parallel_shard_size
@@ -97,6 +101,7 @@ def check_layout(
                 f"expert group must hold the same number of experts. Use strategy.expert_parallel_size in "
                 f"{divisors}, or a number of experts that is a multiple of {ep}."
             )
+    _expert_shard_rule(w, ep, s, expert_shard_size)
 
 
 @dataclass
@@ -114,6 +119,7 @@ class ExpertParallelMesh:
     data_parallel_shard_size: int = 1
     dense_mesh: DeviceMesh | None = None  # [R, S] ("dp_replicate", "dp_shard"); None when S = 1
     expert_mesh: DeviceMesh | None = None  # [EP, ER, ES] ("ep", "edp_replicate", "edp_shard"); None when S = 1
+    requested_expert_shard_size: int | None = None  # strategy.expert_shard_size (None: the default rule)
 
     @property
     def sharded(self) -> bool:
@@ -128,7 +134,9 @@ class ExpertParallelMesh:
     @property
     def expert_shard_size(self) -> int:
         """ES: over how many of its DP replicas each expert is fully sharded."""
-        return expert_shard_size(self.world_size, self.expert_parallel_size, self.data_parallel_shard_size)
+        return expert_shard_size(
+            self.world_size, self.expert_parallel_size, self.data_parallel_shard_size, self.requested_expert_shard_size
+        )
 
     @property
     def expert_replicate_size(self) -> int:
@@ -173,11 +181,46 @@ class ExpertParallelMesh:
         )
 
 
-def expert_shard_size(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> int:
-    """ES: DP = W / EP when the dense part is sharded (S > 1), else 1 (see the module docstring).
+def valid_expert_shard_sizes(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> list[int]:
+    """The ES values a layout allows: every divisor of DP = W / EP when S > 1 (ER = DP / ES replicas of each
+    expert shard, HSDP over them), only 1 when S = 1 (experts replicated and reduced as in DDP)."""
+    if data_parallel_shard_size <= 1:
+        return [1]
+    dp = world_size // expert_parallel_size
+    return [d for d in range(1, dp + 1) if dp % d == 0]
 
-    The one rule for the mesh, sharding.py and the planner (parallel/plan.py)."""
-    return world_size // expert_parallel_size if data_parallel_shard_size > 1 else 1
+
+def expert_shard_size(
+    world_size: int,
+    expert_parallel_size: int,
+    data_parallel_shard_size: int,
+    requested: int | None = None,
+) -> int:
+    """ES: `requested` (strategy.expert_shard_size) checked against valid_expert_shard_sizes, or by default
+    DP = W / EP when the dense part is sharded (S > 1), else 1 (see the module docstring).
+
+    The one rule for the mesh, sharding.py, the strategy's config check and the planner (parallel/plan.py).
+    Raises LayoutError naming strategy.expert_shard_size, the value and the valid values."""
+    valid = valid_expert_shard_sizes(world_size, expert_parallel_size, data_parallel_shard_size)
+    if requested is None:
+        return valid[-1]
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested not in valid:
+        w, ep, s = world_size, expert_parallel_size, data_parallel_shard_size
+        why = (
+            "with strategy.data_parallel_shard_size=1 the experts are replicated over their data-parallel ranks "
+            "(DDP); sharding them needs data_parallel_shard_size > 1"
+            if s <= 1
+            else f"it must divide the {w // ep} data-parallel replicas of each expert (world size {w} / "
+            f"strategy.expert_parallel_size={ep})"
+        )
+        raise LayoutError(
+            f"strategy.expert_shard_size={requested!r} is not valid here: {why}. Use one of {valid}, "
+            f"or null (= {valid[-1]}: every expert fully sharded over all its data-parallel ranks)."
+        )
+    return requested
+
+
+_expert_shard_rule = expert_shard_size  # check_layout's parameter of the same name shadows the function there
 
 
 def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Tensor:
@@ -185,10 +228,15 @@ def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Te
     return torch.arange(world_size).reshape(world_size // data_parallel_shard_size, data_parallel_shard_size)
 
 
-def expert_mesh_ranks(world_size: int, expert_parallel_size: int, data_parallel_shard_size: int) -> torch.Tensor:
+def expert_mesh_ranks(
+    world_size: int,
+    expert_parallel_size: int,
+    data_parallel_shard_size: int,
+    requested_expert_shard_size: int | None = None,
+) -> torch.Tensor:
     """[EP, ER, ES] grid of ranks: rank = (er * ES + es) * EP + ep."""
     ep = expert_parallel_size
-    es = expert_shard_size(world_size, ep, data_parallel_shard_size)
+    es = expert_shard_size(world_size, ep, data_parallel_shard_size, requested_expert_shard_size)
     er = world_size // ep // es
     return torch.arange(world_size).reshape(er, es, ep).permute(2, 0, 1).contiguous()
 
@@ -211,6 +259,7 @@ def build_expert_parallel_mesh(
     backend: str | None = None,
     data_parallel_shard_size: int = 1,
     device_type: str = "cpu",
+    expert_shard_size: int | None = None,
 ) -> ExpertParallelMesh:
     """Create the expert and expert-data-parallel groups, and with S > 1 the dense and expert DeviceMeshes
     (collective: call on every rank, once, in the same order).
@@ -219,10 +268,20 @@ def build_expert_parallel_mesh(
     same code path serves single-process training and tests.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        check_layout(1, expert_parallel_size, data_parallel_shard_size=data_parallel_shard_size)
+        check_layout(
+            1,
+            expert_parallel_size,
+            data_parallel_shard_size=data_parallel_shard_size,
+            expert_shard_size=expert_shard_size,
+        )
         return ExpertParallelMesh(1, 0, expert_parallel_size, None, None, None)
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_layout(world, expert_parallel_size, data_parallel_shard_size=data_parallel_shard_size)
+    check_layout(
+        world,
+        expert_parallel_size,
+        data_parallel_shard_size=data_parallel_shard_size,
+        expert_shard_size=expert_shard_size,
+    )
     kwargs = {"timeout": timeout, "backend": backend}
     expert_group = expert_data_group = None
     for ranks in expert_group_ranks(world, expert_parallel_size):
@@ -243,7 +302,7 @@ def build_expert_parallel_mesh(
         )
         expert_mesh = DeviceMesh(
             device_type,
-            expert_mesh_ranks(world, expert_parallel_size, data_parallel_shard_size),
+            expert_mesh_ranks(world, expert_parallel_size, data_parallel_shard_size, expert_shard_size),
             mesh_dim_names=("ep", "edp_replicate", "edp_shard"),
         )
     return ExpertParallelMesh(
@@ -256,4 +315,5 @@ def build_expert_parallel_mesh(
         data_parallel_shard_size=data_parallel_shard_size,
         dense_mesh=dense_mesh,
         expert_mesh=expert_mesh,
+        requested_expert_shard_size=expert_shard_size,
     )

@@ -10,8 +10,9 @@ Where each parameter lives (docs/parallelism.md, SCALE-NOTES):
     dense (attention, norms, routers, shared experts, embedding, head): 1/S of it per rank, or all of it
         when S = 1 (today's DDP layout, replicated on every rank);
     routed experts: E/EP experts per rank, fully sharded over ES = EDP = W/EP expert-data-parallel ranks
-        when S > 1 (ER = 1), replicated over all W/EP when S = 1 (the rule of parallel/mesh.py's
-        expert_shard_size, which this model calls).
+        when S > 1 (ER = 1) unless the layout asks for another divisor ES of EDP (strategy.expert_shard_size:
+        ER = EDP / ES replicas, all-reduced), replicated over all W/EP when S = 1 (the rule of
+        parallel/mesh.py's expert_shard_size, which this model calls).
 
 Bytes per local parameter (precision):                    32-true  bf16-mixed  bf16-true
     parameters (fp32 master or the weights themselves)     4        4           2
@@ -76,7 +77,7 @@ from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.models.inspect import count_parameters, flops_per_token
-from moe_plugin.parallel.mesh import expert_shard_size
+from moe_plugin.parallel.mesh import LayoutError, expert_shard_size
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -212,6 +213,7 @@ class Layout:
     shard: int
     checkpointing: str = "none"
     micro_batch: int = 1
+    expert_shard_size: int | None = None  # strategy.expert_shard_size; None = the mesh's default rule
 
     @property
     def replicate(self) -> int:
@@ -225,14 +227,17 @@ class Layout:
     @property
     def expert_shard(self) -> int:
         """ES: ranks each local expert block is split over (parallel/mesh.py's rule, not a copy of it)."""
-        return expert_shard_size(self.world, self.ep, self.shard)
+        return expert_shard_size(self.world, self.ep, self.shard, self.expert_shard_size)
 
     @property
     def sharded(self) -> bool:
         return self.shard > 1
 
     def label(self) -> str:
-        return f"EP{self.ep} x shard{self.shard} x rep{self.replicate} ckpt={self.checkpointing} mb={self.micro_batch}"
+        es = "" if self.expert_shard_size is None else f" ES{self.expert_shard_size}"
+        return (
+            f"EP{self.ep} x shard{self.shard} x rep{self.replicate}{es} ckpt={self.checkpointing} mb={self.micro_batch}"
+        )
 
 
 def layout_error(shape: ModelShape, layout: Layout) -> str | None:
@@ -246,6 +251,11 @@ def layout_error(shape: ModelShape, layout: Layout) -> str | None:
         return f"activation_checkpointing={layout.checkpointing!r} is not one of {CHECKPOINTING}"
     if layout.micro_batch < 1:
         return f"micro_batch={layout.micro_batch} must be >= 1"
+    try:
+        layout.expert_shard  # noqa: B018 (the mesh's rule raises for an ES the layout cannot have)
+    except LayoutError:
+        valid = "1" if s == 1 else f"a divisor of {w // ep}"
+        return f"expert_shard={layout.expert_shard_size} must be {valid} (the experts' data-parallel replicas)"
     return None
 
 
@@ -455,6 +465,8 @@ class PlanEntry:
 
     def as_dict(self) -> dict:
         out: dict = {**asdict(self.layout), "replicate": self.layout.replicate, "fits": self.fits}
+        if self.memory is not None:  # buildable: the effective ES (asdict gives the requested one, None = default)
+            out["expert_shard"] = self.layout.expert_shard
         out["reason"] = self.reason
         if self.memory is not None:
             out["memory_gb"] = {k: v / GB for k, v in self.memory.terms.items()}
@@ -525,13 +537,17 @@ def plan(
     checkpointing: tuple[str, ...] = CHECKPOINTING,
     eps: tuple[int, ...] | None = None,
     shards: tuple[int, ...] | None = None,
+    expert_shards: tuple[int | None, ...] = (None,),
     usable_fraction: float = 0.9,
     global_batch: int | None = None,
     imbalance: float = 1.0,
     tokens: float = 1e12,
     foreach: bool = True,
 ) -> PlanResult:
-    """Every layout of `devices` ranks, with its memory, step time and cost; see PlanResult.fitting."""
+    """Every layout of `devices` ranks, with its memory, step time and cost; see PlanResult.fitting.
+
+    `expert_shards`: the ES values to consider (None = the mesh's default rule); values a (EP, shard) pair
+    cannot have (not a divisor of W / EP, or > 1 with shard 1) are skipped unless none is valid."""
     if devices < 1:
         raise ValueError(f"devices={devices} must be >= 1.")
     if spec.memory_gb is None:
@@ -544,18 +560,49 @@ def plan(
     result = PlanResult(shape, spec, precision, usable)
     ep_choices = eps or tuple(d for d in divisors(devices) if shape.num_experts % d == 0)
     for ep, s, ck, mb in itertools.product(ep_choices, shards or divisors(devices), checkpointing, micro_batches):
-        layout = Layout(devices, ep, s, ck, mb)
-        err = layout_error(shape, layout)
-        if err:
-            result.entries.append(PlanEntry(layout, None, None, False, err))
-            continue
-        per_step = devices * mb
-        accumulation = max(1, math.ceil(global_batch / per_step)) if global_batch else 1
-        mem = memory(shape, layout, precision, accumulation, imbalance, foreach)
-        t = step_time(shape, layout, precision, spec, mfu, net, accumulation, imbalance)
-        fits = mem.peak <= usable
-        cost = None
-        if fits and spec.price_per_hour > 0:
-            cost = estimate_cost(spec, shape.flops_per_token, tokens, tokens_per_s_per_device=t.tokens_per_s_per_device)
-        result.entries.append(PlanEntry(layout, mem, t, fits, "" if fits else why_not(mem, usable), cost))
+        candidates = [Layout(devices, ep, s, ck, mb, es) for es in dict.fromkeys(expert_shards)]
+        valid = [c for c in candidates if layout_error(shape, c) is None]
+        for layout in _distinct_expert_shards(valid) or candidates[:1]:
+            _plan_one(result, shape, spec, layout, precision, mfu, net, global_batch, imbalance, tokens, foreach)
     return result
+
+
+def _distinct_expert_shards(layouts: list[Layout]) -> list[Layout]:
+    """One layout per effective ES (None and an explicit value equal to the default are the same layout)."""
+    seen: set[int] = set()
+    out = []
+    for layout in layouts:
+        if layout.expert_shard not in seen:
+            seen.add(layout.expert_shard)
+            out.append(layout)
+    return out
+
+
+def _plan_one(
+    result: PlanResult,
+    shape: ModelShape,
+    spec: DeviceSpec,
+    layout: Layout,
+    precision: Precision,
+    mfu: float,
+    net: Interconnect,
+    global_batch: int | None,
+    imbalance: float,
+    tokens: float,
+    foreach: bool,
+) -> None:
+    """Append `layout`'s entry (its error, or its memory, time, cost and whether it fits) to `result`."""
+    devices, mb, usable = layout.world, layout.micro_batch, result.usable_bytes
+    err = layout_error(shape, layout)
+    if err:
+        result.entries.append(PlanEntry(layout, None, None, False, err))
+        return
+    per_step = devices * mb
+    accumulation = max(1, math.ceil(global_batch / per_step)) if global_batch else 1
+    mem = memory(shape, layout, precision, accumulation, imbalance, foreach)
+    t = step_time(shape, layout, precision, spec, mfu, net, accumulation, imbalance)
+    fits = mem.peak <= usable
+    cost = None
+    if fits and spec.price_per_hour > 0:
+        cost = estimate_cost(spec, shape.flops_per_token, tokens, tokens_per_s_per_device=t.tokens_per_s_per_device)
+    result.entries.append(PlanEntry(layout, mem, t, fits, "" if fits else why_not(mem, usable), cost))

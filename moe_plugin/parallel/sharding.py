@@ -39,7 +39,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import Shard
 
 from moe_plugin.layers.moe import moe_layers
-from moe_plugin.parallel.fsdp_comms import AllReduceAllGather, AllReduceReduceScatter, use_all_reduce
+from moe_plugin.parallel.fsdp_comms import custom_comms
 from moe_plugin.parallel.mesh import ExpertParallelMesh
 
 # trainer.precision -> dtype of the parameters used for compute (None: full precision, no policy)
@@ -120,7 +120,8 @@ def apply_sharded_data_parallel(
 
     children_as_roots: `module` is not called itself (a LightningModule, whose training_step calls
     self.model): each child holding parameters becomes a root instead of `module`.
-    comms: "auto" (all_reduce-based all-gather / reduce-scatter on gloo, fsdp_comms.py), "native" or "all_reduce".
+    comms: "auto" (point-to-point all-gather / reduce-scatter on gloo, fsdp_comms.py), "native", "p2p" or
+    "all_reduce".
     """
     if not mesh.sharded:
         raise ValueError("apply_sharded_data_parallel needs strategy.data_parallel_shard_size > 1.")
@@ -130,13 +131,13 @@ def apply_sharded_data_parallel(
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=False) if offload_optimizer else OffloadPolicy()
     names = {id(m): n for n, m in module.named_modules()}
     expert_mesh = mesh.expert_fsdp_mesh()
-    via_all_reduce = use_all_reduce(comms, mesh.dense_mesh.get_group("dp_shard"))
+    comm_pair = custom_comms(comms, mesh.dense_mesh.get_group("dp_shard"))
 
     def shard(m: nn.Module, **kwargs: object) -> None:
         fully_shard(m, mp_policy=mp, offload_policy=offload, **kwargs)  # type: ignore[arg-type]
-        if via_all_reduce:
-            m.set_custom_all_gather(AllReduceAllGather())  # type: ignore[operator]
-            m.set_custom_reduce_scatter(AllReduceReduceScatter())  # type: ignore[operator]
+        if comm_pair is not None:
+            m.set_custom_all_gather(comm_pair[0])  # type: ignore[operator]
+            m.set_custom_reduce_scatter(comm_pair[1])  # type: ignore[operator]
 
     layers = moe_layers(module)
     for j, layer in enumerate(layers):

@@ -7,7 +7,9 @@ compares, step by step: the global loss, balance loss and z-loss, the parameters
 
 Layouts: (EP 2 x S 2), (EP 2 x S 4) and (EP 1 x S 4) on 4 ranks (experts fully sharded over their ES = W / EP
 expert-data-parallel ranks), (EP 4 x S 2) on 4 ranks (EP = W: one copy of each expert, ES = 1), (EP 1 x S 2)
-on 2 ranks, and (EP 2 x S 2) with activation checkpointing of every block.
+on 2 ranks, and (EP 2 x S 2) with activation checkpointing of every block. strategy.expert_shard_size: (EP 2 x
+S 2) with ES = 1 (whole experts on both replicas, their gradients all-reduced over ER = 2) and (EP 1 x S 4) with
+ES = 2 (experts HSDP: sharded over 2, replicated over 2) give the same update as ES = W / EP and one process.
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
+def _check(rank: int, world: int, ep: int, shard: int, recompute: str, es: int | None = None) -> None:
     model = _model()
     ref = copy.deepcopy(model)
     apply_activation_checkpointing(model, recompute)  # before sharding, as the strategy does
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-    mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard)
+    mesh = build_expert_parallel_mesh(ep, data_parallel_shard_size=shard, expert_shard_size=es)
     plan = apply_expert_parallel(model, mesh)
     sharding = apply_sharded_data_parallel(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -67,10 +69,11 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
     # the dense part is really sharded: this rank holds about 1/S of each block's dense parameters
     block_attn = model.layers[0].attention.q_proj.weight
     assert block_attn.to_local().numel() * shard == block_attn.numel()
-    # experts are fully sharded over all their expert-data-parallel ranks (ER = 1)
-    assert mesh.expert_shard_size == world // ep and mesh.expert_replicate_size == 1
+    # experts are fully sharded over all their expert-data-parallel ranks (ER = 1) unless ES is given
+    want_es = world // ep if es is None else es
+    assert mesh.expert_shard_size == want_es and mesh.expert_replicate_size == world // ep // want_es
     w_up = model.layers[1].ffn.experts.w_up_EDF
-    assert w_up.to_local().numel() * (world // ep) == w_up.numel()
+    assert w_up.to_local().numel() * want_es == w_up.numel()
     assert sharding.edges == [] and sharding.roots == [""]  # embedding / head below EDGE_MIN_PARAMS: in the root
 
     for step in range(STEPS):
@@ -129,12 +132,21 @@ def _check(rank: int, world: int, ep: int, shard: int, recompute: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("world", "ep", "shard", "recompute"),
-    [(4, 2, 2, "none"), (4, 2, 4, "none"), (4, 1, 4, "none"), (4, 4, 2, "none"), (2, 1, 2, "none"), (4, 2, 2, "full")],
+    ("world", "ep", "shard", "recompute", "es"),
+    [
+        (4, 2, 2, "none", None),
+        (4, 2, 4, "none", None),
+        (4, 1, 4, "none", None),
+        (4, 4, 2, "none", None),
+        (2, 1, 2, "none", None),
+        (4, 2, 2, "full", None),
+        (4, 2, 2, "none", 1),  # strategy.expert_shard_size=1: whole experts, all-reduced over their 2 replicas
+        (4, 1, 2, "none", 2),  # ES = 2 of DP = 4: experts sharded over 2 and replicated over 2 (HSDP)
+    ],
 )
-def test_sharded_equals_one_process(world: int, ep: int, shard: int, recompute: str) -> None:
+def test_sharded_equals_one_process(world: int, ep: int, shard: int, recompute: str, es: int | None) -> None:
     """recompute=full: activation checkpointing of every block, recomputed (all-to-all included) in backward."""
-    run_distributed(_check, world, ep, shard, recompute, timeout=240)
+    run_distributed(_check, world, ep, shard, recompute, es, timeout=240)
 
 
 def _edges(rank: int, world: int) -> None:

@@ -98,6 +98,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         offload_optimizer: bool = False,
         meta_init: bool | None = None,
         fsdp_comms: str = "auto",
+        expert_shard_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -116,8 +117,10 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             meta_init: build the model on the meta device (model_init_context) and materialise only this rank's
                 shards with the layout-independent init of parallel/materialise.py. None = on when
                 data_parallel_shard_size > 1 (no rank ever holds the whole model).
-            fsdp_comms: FSDP2's all-gather / reduce-scatter: "auto" (expressed as all_reduce on gloo, where that is
-                2-3x faster: parallel/fsdp_comms.py), "native" or "all_reduce".
+            fsdp_comms: FSDP2's all-gather / reduce-scatter: "auto" (point-to-point exchanges on gloo, where that is
+                about 2x faster than its collectives: parallel/fsdp_comms.py), "native", "p2p" or "all_reduce".
+            expert_shard_size: ES, over how many of their W / EP data-parallel ranks experts are fully sharded
+                (data_parallel_shard_size > 1): a divisor of W / EP; None = W / EP (parallel/mesh.py).
             kwargs: passed to DDPStrategy / DistributedDataParallel.
         """
         if int(expert_parallel_size) < 1:
@@ -147,6 +150,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
         self.offload_optimizer = bool(offload_optimizer)
         self.meta_init = self.data_parallel_shard_size > 1 if meta_init is None else bool(meta_init)
         self.fsdp_comms = check_comms(fsdp_comms)
+        self.expert_shard_size = expert_shard_size
         self.mesh: ExpertParallelMesh | None = None
         self.plan: ExpertParallelPlan | None = None
 
@@ -177,6 +181,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             num_experts,
             self.data_parallel_shard_size,
             self.data_parallel_replicate_size,
+            self.expert_shard_size,
         )
         super().setup_environment()
         if self.mesh is not None:  # fit then validate with the same Trainer: the groups exist already
@@ -187,6 +192,7 @@ class ExpertParallelStrategy(VendorDDPStrategy):
             backend=self._process_group_backend,
             data_parallel_shard_size=self.data_parallel_shard_size,
             device_type=self.root_device.type,
+            expert_shard_size=self.expert_shard_size,
         )
         rank_zero_info(f"expert parallelism: {self.mesh} backend={self._process_group_backend}")
 

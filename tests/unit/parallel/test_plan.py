@@ -154,6 +154,30 @@ def test_expert_shard_follows_the_mesh_rule() -> None:
             == ExpertParallelMesh(w, 0, ep, None, None, None, data_parallel_shard_size=s).expert_shard_size
         )
     assert Layout(8, 2, 4).replicate == 2 and Layout(8, 2, 4).edp == 4
+    # strategy.expert_shard_size through the same rule: a divisor of W / EP when S > 1, else an error
+    assert Layout(8, 2, 4, expert_shard_size=1).expert_shard == 1
+    assert Layout(8, 2, 4, expert_shard_size=2).expert_shard == 2
+
+
+def test_expert_shard_size_in_the_plan(tiny: ModelShape) -> None:
+    spec = get_device("device_d")
+    full = memory(tiny, Layout(8, 2, 4), BF16)
+    whole = memory(tiny, Layout(8, 2, 4, expert_shard_size=1), BF16)
+    # ES = 1: each rank holds its E / EP experts whole (4x the ES = 4 share), the dense part unchanged
+    assert whole.terms["optimizer"] - full.terms["optimizer"] == pytest.approx(
+        tiny.expert_params / 2 * (1 - 1 / 4) * BF16.moments
+    )
+    t_full = step_time(tiny, Layout(8, 2, 4), BF16, spec, 0.21, Interconnect())
+    t_whole = step_time(tiny, Layout(8, 2, 4, expert_shard_size=1), BF16, spec, 0.21, Interconnect())
+    assert t_whole.fsdp_s < t_full.fsdp_s and t_whole.allreduce_s > t_full.allreduce_s  # no expert gathers
+    assert "expert_shard=3 must be a divisor of 4" in str(layout_error(tiny, Layout(8, 2, 4, expert_shard_size=3)))
+    assert "expert_shard=2 must be 1" in str(layout_error(tiny, Layout(8, 2, 1, expert_shard_size=2)))
+    result = plan(
+        tiny, spec, 8, BF16, 0.21, eps=(2,), micro_batches=(1,), checkpointing=("none",), expert_shards=(None, 1, 3)
+    )
+    # per shard size: the default (ES = 4, or 1 when S = 1), ES = 1 when it differs; ES = 3 is never valid
+    got = sorted((e.layout.shard, e.layout.expert_shard) for e in result.entries)
+    assert got == [(1, 1), (2, 1), (2, 4), (4, 1), (4, 4), (8, 1), (8, 4)]
 
 
 def test_errors(tiny: ModelShape) -> None:
