@@ -1,7 +1,7 @@
 """Training throughput against the machine's own limit: achieved model FLOP/s / peak fp32 GEMM FLOP/s.
 
     python bench/mfu.py [--steps 60] [--threads N] [--json out.json] [extra Hydra overrides ...]
-    python bench/mfu.py --steady [--warmup 3] [--steps 15] [--threads N]
+    python bench/mfu.py --steady [--warmup 3] [--steps 15] [--threads N] [--cold-cache]
 
 1. Peak: the best fp32 `torch.mm` FLOP/s of this machine at the run's thread count, over square GEMMs
    of 1024, 2048 and 3072 and the run's own dense GEMM shape (tokens x hidden x 4*hidden), best call of
@@ -16,7 +16,8 @@
    aux losses; no Lightning, no callbacks, no data loading), eager and with `model.compile=true`'s
    regional compile (parallel/compile.py): the first steps' time (inductor compilation included) and the
    steady-state tokens/s after them. Says how much of the gap is the training glue and whether compiling
-   pays, and after how many steps.
+   pays, and after how many steps. `--cold-cache` compiles into an empty inductor cache (what the first
+   run on a fresh machine pays; otherwise /tmp/torchinductor_<user> may hold the blocks from earlier runs).
 Run it through /work/bin/quiet on a shared machine; the load average is printed with the result.
 """
 
@@ -137,6 +138,7 @@ def steady(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "load_average_start": os.getloadavg(),
+        "inductor_cache": "cold (empty)" if args.cold_cache else "as found",
         "peak_flops": peak,
     }
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -155,7 +157,10 @@ def steady(args: argparse.Namespace) -> int:
     be = f"{result['break_even_steps']:.0f}" if saved > 0 else "never (not faster in steady state)"
     print(f"compiled / eager steady-state speed-up {result['compile_speedup_steady']:.3f}; break-even after {be} steps")
     result["load_average_end"] = os.getloadavg()
-    print(f"threads {result['threads']}, load average {result['load_average_start']} -> {result['load_average_end']}")
+    print(
+        f"threads {result['threads']}, load average {result['load_average_start']} -> {result['load_average_end']}, "
+        f"inductor cache {result['inductor_cache']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -168,8 +173,15 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--steady", action="store_true", help="bare-loop eager vs compiled steady state (3.)")
     parser.add_argument("--warmup", type=int, default=3, help="--steady: first steps timed together")
+    parser.add_argument(
+        "--cold-cache", action="store_true", help="compile into an empty inductor cache (a fresh machine's first run)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for train.py")
     args = parser.parse_args()
+    if args.cold_cache:
+        # inductor reads the variable whenever it looks for a cached kernel or graph; the training subprocess
+        # inherits it. The folder is left behind in /tmp (small) rather than racing a still-running compile worker.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mfu_cold_inductor_")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steady:
@@ -203,6 +215,7 @@ def main() -> int:
         "ratio": achieved / peak,
         "target": TARGET,
         "overrides": args.overrides,
+        "inductor_cache": "cold (empty)" if args.cold_cache else "as found",
     }
     print(f"threads {result['threads']}, load average {result['load_average']}")
     for name, flops in peaks.items():
