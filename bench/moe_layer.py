@@ -238,7 +238,18 @@ def main() -> int:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="coarse shape, 3 repeats")
     parser.add_argument("--json", default="", help="write results to this JSON file ('-' = stdout)")
+    parser.add_argument(
+        "--host-allocator",
+        choices=("default", "tuned"),
+        default="tuned",
+        help="tuned (what train.py does, kernels/host_allocator.py): freed memory stays mapped, so timings do not "
+        "depend on glibc's adaptive mmap threshold and the page faults it causes; default: glibc as is",
+    )
     args = parser.parse_args()
+    if args.host_allocator == "tuned":
+        from moe_plugin.kernels.host_allocator import keep_freed_host_memory
+
+        keep_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = ["coarse"] if args.quick else args.shapes.split(",")
@@ -277,6 +288,7 @@ def main() -> int:
         "load_average": os.getloadavg(),
         "tokens": args.tokens,
         "repeats": repeats,
+        "host_allocator": args.host_allocator,
     }
     payload = {"meta": meta, "results": results, "ratios": ratios, "time_breakdown_percent": breakdown}
     if args.json == "-":

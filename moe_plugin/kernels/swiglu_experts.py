@@ -51,13 +51,15 @@ class _SwiGLUExperts(torch.autograd.Function):
         y_ND = x_ND.new_empty(N, w_down_EFD.shape[-1])
 
         # The whole MLP of one expert before the next: its g, u and h are still in cache for the elementwise
-        # work and the down projection. h is a per-expert temporary (recomputed in backward).
-        for e, s, t in bounds:
-            x_nD = x_ND[s:t]
-            g_nF = torch.mm(x_nD, w_gate_EDF[e], out=g_NF[s:t])
-            u_nF = torch.mm(x_nD, w_up_EDF[e], out=u_NF[s:t])
-            torch.mm(F.silu(g_nF).mul_(u_nF), w_down_EFD[e], out=y_ND[s:t])
-        ctx.bounds = bounds
+        # work and the down projection. h is a per-expert temporary (recomputed in backward). The per-expert
+        # views come from one split/unbind call each (64 experts: ~10 Python-level view ops fewer per expert).
+        xs, gs, us, ys = (torch.split(t, counts) for t in (x_ND, g_NF, u_NF, y_ND))
+        wg, wu, wd = w_gate_EDF.unbind(0), w_up_EDF.unbind(0), w_down_EFD.unbind(0)
+        for e, _, _ in bounds:
+            g_nF = torch.mm(xs[e], wg[e], out=gs[e])
+            u_nF = torch.mm(xs[e], wu[e], out=us[e])
+            torch.mm(F.silu(g_nF).mul_(u_nF), wd[e], out=ys[e])
+        ctx.bounds, ctx.counts = bounds, list(counts)
         ctx.save_for_backward(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF)
         return y_ND
 
@@ -72,23 +74,31 @@ class _SwiGLUExperts(torch.autograd.Function):
         dw_gate = weight_grad_buffer(w_gate_EDF, bounds) if need_wg else None
         dw_up = weight_grad_buffer(w_up_EDF, bounds) if need_wu else None
 
-        for e, s, t in bounds:
-            g_nF, u_nF, dy_nD, x_nD = g_NF[s:t], u_NF[s:t], dy_ND[s:t], x_ND[s:t]
+        # Views of every expert's rows and weights, made in a few C++ calls rather than per expert.
+        counts = ctx.counts
+        xs, gs, us, dys = (torch.split(t, counts) for t in (x_ND, g_NF, u_NF, dy_ND))
+        wgT, wuT, wdT = (w.transpose(1, 2).unbind(0) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+        dxs = torch.split(dx_ND, counts) if dx_ND is not None else None
+        dwd, dwg, dwu = (None if w is None else w.unbind(0) for w in (dw_down, dw_gate, dw_up))
+
+        for e, _, _ in bounds:
+            g_nF, u_nF, dy_nD, x_nD = gs[e], us[e], dys[e], xs[e]
             a_nF = F.silu(g_nF)  # recomputed in cache: cheaper than saving a and h for every row
-            if dw_down is not None:
-                torch.mm(torch.mul(a_nF, u_nF).t(), dy_nD, out=dw_down[e])
-            dh_nF = torch.mm(dy_nD, w_down_EFD[e].t())
+            if dwd is not None:
+                torch.mm(torch.mul(a_nF, u_nF).t(), dy_nD, out=dwd[e])
+            dh_nF = torch.mm(dy_nD, wdT[e])
             # du = dh * silu(g); dg = silu'(g) * (dh * u), in dh's buffer (saved tensors stay intact, so
             # a retain_graph backward can run again)
             du_nF = dh_nF * a_nF
             dg_nF = torch.ops.aten.silu_backward.grad_input(dh_nF.mul_(u_nF), g_nF, grad_input=dh_nF)
-            if dx_ND is not None:
-                torch.mm(dg_nF, w_gate_EDF[e].t(), out=dx_ND[s:t])
-                dx_ND[s:t].addmm_(du_nF, w_up_EDF[e].t())
-            if dw_gate is not None:
-                torch.mm(x_nD.t(), dg_nF, out=dw_gate[e])
-            if dw_up is not None:
-                torch.mm(x_nD.t(), du_nF, out=dw_up[e])
+            if dxs is not None:
+                torch.mm(dg_nF, wgT[e], out=dxs[e]).addmm_(du_nF, wuT[e])
+            if dwg is not None or dwu is not None:
+                x_Dn = x_nD.t()
+                if dwg is not None:
+                    torch.mm(x_Dn, dg_nF, out=dwg[e])
+                if dwu is not None:
+                    torch.mm(x_Dn, du_nF, out=dwu[e])
 
         if dx_ND is not None and len(bounds) == 0:
             dx_ND.zero_()
