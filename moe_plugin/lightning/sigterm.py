@@ -92,7 +92,6 @@ def install_local_sigterm_handler(trainer: pl.Trainer) -> bool:
                 launcher.kill(signum)  # as Lightning: the ranks this process started stop too
         setattr(connector, _RECEIVED_HERE, True)
         for h in others:  # the handlers Lightning composed with its own (e.g. one the user had installed)
-            h = signal.getsignal(h) if isinstance(h, int) else h
             if callable(h):
                 h(signum, frame)
 

@@ -67,3 +67,19 @@ def test_an_unknown_handler_is_left_alone(trainer: pl.Trainer) -> None:
     signal.signal(signal.SIGTERM, other)
     assert not install_local_sigterm_handler(trainer)
     assert signal.getsignal(signal.SIGTERM) is other
+
+
+def test_a_handler_installed_before_fit_still_runs() -> None:
+    calls = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # the user's own handler
+    try:
+        t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        t._signal_connector.register_signal_handlers()  # Lightning composes it with its notifier
+        try:
+            assert install_local_sigterm_handler(t)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert calls == [signal.SIGTERM] and sigterm_received_here(t)
+        finally:
+            t._signal_connector.teardown()
+    finally:
+        signal.signal(signal.SIGTERM, before)
