@@ -296,7 +296,7 @@ def convert_command(
             print(
                 f"moe-plugin ckpt convert: {path} is a moe_plugin (layout-free) checkpoint. To write a DeepSpeed "
                 "checkpoint directory from it, give the target layout: --world-size W [--expert-parallel-size EP] "
-                "[--stage 1|2|3]. (strategy=deepspeed_ep also resumes it directly, at any layout.)"
+                "[--stage 1|2]. (strategy=deepspeed_ep also resumes it directly, at any layout.)"
             )
             return 2
         try:

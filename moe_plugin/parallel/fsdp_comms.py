@@ -47,6 +47,12 @@ class _Alloc:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
+def _place_own_shard(mine: torch.Tensor, input_tensor: torch.Tensor) -> None:
+    """This rank's chunk of the gathered buffer <- its shard (FSDP copies it in place already: usually a no-op)."""
+    if mine.data_ptr() != input_tensor.data_ptr():
+        mine.copy_(input_tensor.view(-1))
+
+
 class AllReduceAllGather(_Alloc, AllGather):
     """All-gather into `output_tensor` (n chunks) by a sum of zero-padded shards (see the module docstring)."""
 
@@ -58,16 +64,15 @@ class AllReduceAllGather(_Alloc, AllGather):
         n, r = group.size(), group.rank()
         k = input_tensor.numel()
         flat = output_tensor.view(-1)
-        mine = flat.narrow(0, r * k, k)
-        if mine.data_ptr() != input_tensor.data_ptr():  # FSDP copies its input in place already: usually a no-op
-            mine.copy_(input_tensor.view(-1))
+        _place_own_shard(flat.narrow(0, r * k, k), input_tensor)
         flat.narrow(0, 0, r * k).zero_()
         flat.narrow(0, (r + 1) * k, (n - r - 1) * k).zero_()
         return dist.all_reduce(output_tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
-class AllReduceReduceScatter(_Alloc, ReduceScatter):
-    """Reduce-scatter of `input_tensor` (a buffer FSDP frees afterwards, reduced in place) by all_reduce."""
+class _SumReduceScatter(_Alloc, ReduceScatter):
+    """A reduce-scatter whose SUM and AVG are `_reduce_scatter` (complete on return); any other op (PREMUL_SUM
+    and friends) takes the backend's own path."""
 
     def __call__(
         self,
@@ -77,16 +82,31 @@ class AllReduceReduceScatter(_Alloc, ReduceScatter):
         op: object,
         async_op: bool = False,
     ) -> dist.Work | None:
-        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):  # PREMUL_SUM and friends: the backend's own path
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        self._reduce_scatter(output_tensor.view(-1), input_tensor, group, op == dist.ReduceOp.AVG)
+        return None
+
+    def _reduce_scatter(
+        self, out: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, avg: bool
+    ) -> None:
+        """out (this rank's flat chunk) <- the sum over the group of input_tensor's chunk r, / n if `avg`."""
+        raise NotImplementedError
+
+
+class AllReduceReduceScatter(_SumReduceScatter):
+    """Reduce-scatter of `input_tensor` (a buffer FSDP frees afterwards, reduced in place) by all_reduce."""
+
+    def _reduce_scatter(
+        self, out: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, avg: bool
+    ) -> None:
         n, r = group.size(), group.rank()
         dist.all_reduce(input_tensor, op=dist.ReduceOp.SUM, group=group)
-        chunk = input_tensor.view(-1).narrow(0, r * output_tensor.numel(), output_tensor.numel())
-        if op == dist.ReduceOp.AVG:
-            torch.div(chunk, n, out=output_tensor.view(-1))
+        chunk = input_tensor.view(-1).narrow(0, r * out.numel(), out.numel())
+        if avg:
+            torch.div(chunk, n, out=out)
         else:
-            output_tensor.view(-1).copy_(chunk)
-        return None
+            out.copy_(chunk)
 
 
 def _exchange(ops: list[dist.P2POp]) -> None:
@@ -104,8 +124,7 @@ class P2PAllGather(_Alloc, AllGather):
         n, r = group.size(), group.rank()
         k = input_tensor.numel()
         chunks = output_tensor.view(-1).split(k)
-        if chunks[r].data_ptr() != input_tensor.data_ptr():  # FSDP copies its input in place already: usually a no-op
-            chunks[r].copy_(input_tensor.view(-1))
+        _place_own_shard(chunks[r], input_tensor)
         if n > 1:
             ops = []
             for j in range(n):
@@ -116,22 +135,14 @@ class P2PAllGather(_Alloc, AllGather):
         return None  # complete (see the module docstring)
 
 
-class P2PReduceScatter(_Alloc, ReduceScatter):
+class P2PReduceScatter(_SumReduceScatter):
     """Reduce-scatter of `input_tensor` by n - 1 rounds of pairwise exchange (see the module docstring): one
     chunk of extra memory when n > 2, none when n = 2 (the peer's chunk is received into the output)."""
 
-    def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        op: object,
-        async_op: bool = False,
-    ) -> dist.Work | None:
-        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):  # PREMUL_SUM and friends: the backend's own path
-            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+    def _reduce_scatter(
+        self, out: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, avg: bool
+    ) -> None:
         n, r = group.size(), group.rank()
-        out = output_tensor.view(-1)
         chunks = input_tensor.view(-1).split(out.numel())
         received = out if n == 2 else torch.empty_like(out)
         for k in range(1, n):
@@ -148,9 +159,8 @@ class P2PReduceScatter(_Alloc, ReduceScatter):
                 torch.add(chunks[r], received, out=out)
             else:
                 out.add_(received)
-        if op == dist.ReduceOp.AVG:
+        if avg:
             out.div_(n)
-        return None
 
 
 def check_comms(comms: str) -> str:

@@ -320,9 +320,8 @@ class LossSpikeGuard(pl.Callback):
         cb = trainer.checkpoint_callback
         folder = Path(getattr(cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / f"diverged-step{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(
-            path, weights_only=False
-        )  # weights and optimizer are those of the last applied (good) update
+        # weights and optimizer are those of the last applied (good) update
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             append_event(
                 events_path(trainer, self.events_file), "spike_guard", "stop", step=d["step"], checkpoint=str(path)
