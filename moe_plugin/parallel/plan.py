@@ -12,7 +12,7 @@ Where each parameter lives (docs/parallelism.md, SCALE-NOTES):
     routed experts: E/EP experts per rank, fully sharded over ES = EDP = W/EP expert-data-parallel ranks
         when S > 1 (ER = 1) unless the layout asks for another divisor ES of EDP (strategy.expert_shard_size:
         ER = EDP / ES replicas, all-reduced), replicated over all W/EP when S = 1 (the rule of
-        parallel/mesh.py's expert_shard_size, which this model calls).
+        parallel/mesh.py's resolve_expert_shard_size, which this model calls).
 
 Bytes per local parameter (precision):                    32-true  bf16-mixed  bf16-true
     parameters (fp32 master or the weights themselves)     4        4           2
@@ -77,7 +77,7 @@ from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.models.inspect import count_parameters, flops_per_token
-from moe_plugin.parallel.mesh import LayoutError, expert_shard_size
+from moe_plugin.parallel.mesh import LayoutError, resolve_expert_shard_size
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -227,7 +227,7 @@ class Layout:
     @property
     def expert_shard(self) -> int:
         """ES: ranks each local expert block is split over (parallel/mesh.py's rule, not a copy of it)."""
-        return expert_shard_size(self.world, self.ep, self.shard, self.expert_shard_size)
+        return resolve_expert_shard_size(self.world, self.ep, self.shard, self.expert_shard_size)
 
     @property
     def sharded(self) -> bool:
