@@ -76,6 +76,7 @@ class LMDataModule(pl.LightningDataModule):
         seed: int = 1234,
         test_fraction: float = 0.0,
         allow_changed: bool = False,
+        val_sequences: int | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 1:
@@ -89,6 +90,13 @@ class LMDataModule(pl.LightningDataModule):
                 f"data.test_fraction={test_fraction} must be >= 0 and leave documents for training "
                 f"(val_fraction + test_fraction < 1), e.g. 0.05."
             )
+        if val_sequences is not None and val_sequences < 1:
+            raise ValueError(
+                f"data.val_sequences={val_sequences} must be a positive number of sequences (e.g. 256), or null to "
+                "validate on the whole validation split."
+            )
+        # validation reads the first val_sequences windows of the split, whatever the batch size and rank count
+        self.val_sequences = val_sequences
         self.test_fraction = test_fraction
         self.test_set: TokenWindows | None = None
         self.source = source
@@ -238,7 +246,8 @@ class LMDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
         rank, world = self._eval_rank_world()
-        sampler = GlobalOrderSampler(len(self.val_set), self.batch_size, rank, world, shuffle=False, drop_last=False)
+        n = len(self.val_set) if self.val_sequences is None else min(self.val_sequences, len(self.val_set))
+        sampler = GlobalOrderSampler(n, self.batch_size, rank, world, shuffle=False, drop_last=False)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:

@@ -85,7 +85,9 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if cfg.get("validate_at_end", True):
+    # fit's own validation at the final step already measured these weights on the same batches: not twice
+    validated_now = cfg.get("train", True) and summary_cb.fit_validated_at_step == trainer.global_step
+    if cfg.get("validate_at_end", True) and not (validated_now and "val/loss" in metrics):
         metrics.update(
             {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
         )

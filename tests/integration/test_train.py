@@ -68,3 +68,25 @@ def test_optuna_sweep_in_memory(train, tmp_path: Path) -> None:
     )
     results = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
     assert "best_value" in results and "optim.lr" in results
+
+
+@pytest.mark.parametrize(("every", "fit_vals", "final_extra"), [(3, [3, 6], False), (4, [4], True)])
+def test_final_validation_runs_once(train, tmp_path: Path, every: int, fit_vals: list[int], final_extra: bool) -> None:
+    """Fit's own validation at the last step is the run's final one (no second pass over the same batches);
+    otherwise run() validates the final weights itself. Either way summary.json has the final weights' loss."""
+    out = tmp_path / "run"
+    train(
+        "experiment=tiny_smoke",
+        "logger=csv",
+        f"paths.output_dir={out}",
+        "trainer.max_steps=6",
+        f"trainer.val_check_interval={every}",
+        "trainer.check_val_every_n_epoch=null",
+        "sample_lines=0",
+    )
+    rows = [r for r in csv.DictReader((out / "csv" / "version_0" / "metrics.csv").open()) if r.get("val/loss")]
+    steps = [int(r["step"]) + 1 for r in rows]  # Lightning logs validation at the step index before the increment
+    assert steps[: len(fit_vals)] == fit_vals
+    assert len(rows) == len(fit_vals) + (1 if final_extra else 0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(float(rows[-1]["val/loss"]))

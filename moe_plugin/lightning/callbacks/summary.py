@@ -10,12 +10,14 @@ import torch
 
 
 class RunSummary(pl.Callback):
-    """Counts trained tokens (across data-parallel ranks) and the time spent in training steps."""
+    """Counts trained tokens (across data-parallel ranks) and the time spent in training steps, and remembers the
+    step of the last validation run during fit (run() skips its final validation when fit just validated there)."""
 
     def __init__(self) -> None:
         self.tokens = 0
         self.train_seconds = 0.0
         self._t0: float | None = None
+        self.fit_validated_at_step: int | None = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -30,6 +32,10 @@ class RunSummary(pl.Callback):
         if isinstance(batch, torch.Tensor):
             # each sample is seq_len + 1 tokens: seq_len predictions
             self.tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.fit_validated_at_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "train_seconds": self.train_seconds}

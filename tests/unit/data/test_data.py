@@ -223,3 +223,21 @@ def test_byte_tokenizer_decodes_ids_beyond_a_byte(tmp_path: Path) -> None:
         model.lm_head.weight[256:] *= 1000
     lines = sample_lines(model, dm, 3)
     assert len(lines) == 3 and all(" |> " in x and "\ufffd" in x.split(" |> ")[1] for x in lines)
+
+
+def test_val_sequences_reads_the_same_first_windows_at_any_batch_size(tmp_path: Path) -> None:
+    book = _book(tmp_path / "book.txt", 60_000)
+
+    def val_rows(batch_size: int, val_sequences: int | None) -> list[torch.Tensor]:
+        dm = LMDataModule(TextFilesSource([str(book)]), seq_len=32, batch_size=batch_size, val_sequences=val_sequences)
+        dm.setup()
+        return [row for batch in dm.val_dataloader() for row in batch]
+
+    whole = val_rows(4, None)
+    assert len(whole) > 20
+    for bs in (3, 8):
+        rows = val_rows(bs, 10)
+        assert len(rows) == 10 and all(torch.equal(a, b) for a, b in zip(rows, whole[:10]))
+    assert len(val_rows(4, 10_000)) == len(whole)  # more than the split holds: the whole split
+    with pytest.raises(ValueError, match=r"data.val_sequences=0 .*null"):
+        LMDataModule(TextFilesSource([str(book)]), val_sequences=0)
