@@ -16,8 +16,9 @@ step `--step` (after the first steps, so AdamW's moments exist) on every rank in
 - tensors: the peak of live tensor storages seen by torch's MemTracker (a TorchDispatchMode that follows every
   storage's lifetime, seeded with the parameters, gradients and optimizer state that exist before the step).
   It cannot see memory held outside tensors (DDP's C++ buckets).
-The prediction is moe_plugin.parallel.plan.memory() for the same model, layout and precision (fp32 on CPU;
-torch's AdamW loops over tensors on CPU: foreach=False). Target (issue 10): within 15% of the measured peak.
+The prediction is moe_plugin.parallel.plan.memory() for the same model, layout and precision, planned for CPU
+(device_type="cpu": the routed experts' fused SwiGLU node, which grouped_mm_backend=auto takes on CPU, and
+torch's AdamW looping over tensors, foreach=False). Target (issue 10): within 15% of the measured peak.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def predict(case: Case) -> dict[str, Any]:
     name, model, seq_len = build_meta_model(MODEL, SEQ_LEN)
     shape = model_shape(model, seq_len, name)
     layout = Layout(case.world, case.ep, case.shard, case.checkpointing, case.micro_batch)
-    mem = memory(shape, layout, get_precision(case.precision), foreach=False)
+    # a CPU plan: the experts' fused SwiGLU node (grouped_mm_backend=auto on CPU), AdamW one tensor at a time
+    mem = memory(shape, layout, get_precision(case.precision), device_type="cpu")
     return {"peak": mem.peak, "phase": mem.phase, "terms": mem.terms, "params": shape.total_params}
 
 

@@ -19,8 +19,8 @@ Implementations, each with the same signature `(x_NI, w_EIO, tokens_per_expert_E
 
 `select_grouped_mm(backend, device, dtype)` picks one: "auto" takes the per-expert mm path on CPU, and
 elsewhere `torch._grouped_mm` when a small probe with gradients succeeds on that device type and dtype
-(cached), otherwise the per-expert mm path. This file is
-where vendor-specific kernel choices belong (a vendor's grouped GEMM goes here as another backend), so
+(cached), otherwise the per-expert mm path. `grouped_mm_choice` is that rule by name, for callers that need
+the choice without the function (the experts layer, the memory planner). This file is where vendor-specific kernel choices belong (a vendor's grouped GEMM goes here as another backend), so
 the layers never know which device they run on.
 """
 
@@ -205,28 +205,40 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"grouped_mm_backend={backend!r} is not one of {BACKENDS}; use 'auto' unless debugging.")
 
 
+def grouped_mm_choice(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+    """The rule of `select_grouped_mm`, by name: "loop", "mm" (the per-expert mm node) or "torch".
+
+    "auto": "mm" on CPU; elsewhere "torch" when torch._grouped_mm works on `device_type` with `dtype` (probed
+    once per device type and dtype), else "mm". With `dtype=None` nothing is probed and torch._grouped_mm is
+    assumed to work off CPU: the view of a caller planning for hardware it does not run on (parallel/plan.py).
+    """
+    check_backend(backend)
+    if backend == "loop":
+        return "loop"
+    if backend == "mm" or (backend == "auto" and device_type == "cpu"):
+        return "mm"
+    if backend == "torch" or dtype is None:
+        return "torch"
+    return "torch" if _torch_grouped_mm_works(device_type, dtype) else "mm"
+
+
 def select_grouped_mm(
     backend: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> GroupedMM:
-    """The grouped-matmul implementation for `backend` on `device`/`dtype`.
+    """The grouped-matmul implementation for `backend` on `device`/`dtype` (the rule: `grouped_mm_choice`).
 
     "auto": the per-expert mm node on CPU; elsewhere torch._grouped_mm when it works there (probed once per
     device type and dtype), else the per-expert mm node. "torch": torch._grouped_mm, error if it does not
     work there. "mm": the per-expert mm node. "loop": the reference loop (autograd through every op).
     """
-    check_backend(backend)
     device_type = torch.device(device).type
-    if backend == "loop":
-        return grouped_mm_loop
-    if backend == "mm" or (backend == "auto" and device_type == "cpu"):
-        return grouped_mm_mm
-    works = _torch_grouped_mm_works(device_type, dtype)
-    if backend == "torch" and not works:
+    choice = grouped_mm_choice(backend, device_type, dtype)
+    if backend == "torch" and not _torch_grouped_mm_works(device_type, dtype):
         raise ValueError(
             f"grouped_mm_backend='torch' but torch._grouped_mm does not work on {device_type} with {dtype} in "
             f"torch {torch.__version__}; set grouped_mm_backend='auto' or 'loop'."
         )
-    return grouped_mm_torch if works else grouped_mm_mm
+    return {"loop": grouped_mm_loop, "mm": grouped_mm_mm, "torch": grouped_mm_torch}[choice]
 
 
 def grouped_mm_backend_name(fn: GroupedMM) -> str:

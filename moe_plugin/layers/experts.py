@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, grouped_mm_mm, select_grouped_mm
+from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, grouped_mm_choice, select_grouped_mm
 from moe_plugin.kernels.local_moe import local_moe_supported, local_swiglu_moe
 from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
@@ -71,10 +71,10 @@ class GroupedExperts(nn.Module):
                 f"tokens_per_expert has shape {tuple(tokens_per_expert_E.shape)}, expected ({self.num_experts},) "
                 "(one count per local expert)."
             )
-        gmm = self.grouped_mm(x_ND)
-        if gmm is grouped_mm_mm:
+        if runs_fused_swiglu(self.grouped_mm_backend, x_ND.device.type, compute_dtype(x_ND)):
             # The per-expert mm path (the CPU default): the whole SwiGLU MLP as one autograd node.
             return swiglu_experts(x_ND, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, tokens_per_expert_E)
+        gmm = self.grouped_mm(x_ND)
         if fuse_gate_up(self.num_experts, self.hidden_size, x_ND.shape[0]):
             # Gate and up as ONE grouped GEMM of width 2F: half the kernel calls (per expert on CPU),
             # wider GEMMs. The weights stay separate parameters (checkpoints, expert parallelism and
@@ -89,7 +89,8 @@ class GroupedExperts(nn.Module):
     def fuses_local_routing(self, x: torch.Tensor) -> bool:
         """Whether `local_routed` can serve x: the fused per-expert SwiGLU node's backend on a device the
         fused local kernel is written for (kernels/local_moe.py), and every expert held here."""
-        return self.expert_offset == 0 and local_moe_supported(x.device) and self.grouped_mm(x) is grouped_mm_mm
+        fused_node = runs_fused_swiglu(self.grouped_mm_backend, x.device.type, compute_dtype(x))
+        return self.expert_offset == 0 and local_moe_supported(x.device) and fused_node
 
     def local_routed(
         self,
@@ -110,6 +111,14 @@ class GroupedExperts(nn.Module):
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
             f"expert_offset={self.expert_offset}, grouped_mm_backend={self.grouped_mm_backend!r}"
         )
+
+
+def runs_fused_swiglu(grouped_mm_backend: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether `forward` runs the whole MLP as the fused SwiGLU node (kernels/swiglu_experts.py: saves g and u
+    only) rather than autograd through grouped GEMMs and SwiGLU ops (saves gate, up, silu(gate) and h): the
+    fused node is taken wherever the grouped-GEMM rule picks the per-expert mm path. `dtype=None`: no probe,
+    torch._grouped_mm assumed to work off CPU (the memory planner's view of hardware it does not run on)."""
+    return grouped_mm_choice(grouped_mm_backend, device_type, dtype) == "mm"
 
 
 def fuse_gate_up(num_experts: int, hidden_size: int, num_copies: int) -> bool:

@@ -101,7 +101,7 @@ def check_layout(
                 f"expert group must hold the same number of experts. Use strategy.expert_parallel_size in "
                 f"{divisors}, or a number of experts that is a multiple of {ep}."
             )
-    _expert_shard_rule(w, ep, s, expert_shard_size)
+    resolve_expert_shard_size(w, ep, s, expert_shard_size)
 
 
 @dataclass
@@ -134,7 +134,7 @@ class ExpertParallelMesh:
     @property
     def expert_shard_size(self) -> int:
         """ES: over how many of its DP replicas each expert is fully sharded."""
-        return expert_shard_size(
+        return resolve_expert_shard_size(
             self.world_size, self.expert_parallel_size, self.data_parallel_shard_size, self.requested_expert_shard_size
         )
 
@@ -190,7 +190,7 @@ def valid_expert_shard_sizes(world_size: int, expert_parallel_size: int, data_pa
     return [d for d in range(1, dp + 1) if dp % d == 0]
 
 
-def expert_shard_size(
+def resolve_expert_shard_size(
     world_size: int,
     expert_parallel_size: int,
     data_parallel_shard_size: int,
@@ -220,9 +220,6 @@ def expert_shard_size(
     return requested
 
 
-_expert_shard_rule = expert_shard_size  # check_layout's parameter of the same name shadows the function there
-
-
 def dense_mesh_ranks(world_size: int, data_parallel_shard_size: int) -> torch.Tensor:
     """[R, S] grid of ranks, shard axis fastest."""
     return torch.arange(world_size).reshape(world_size // data_parallel_shard_size, data_parallel_shard_size)
@@ -236,7 +233,7 @@ def expert_mesh_ranks(
 ) -> torch.Tensor:
     """[EP, ER, ES] grid of ranks: rank = (er * ES + es) * EP + ep."""
     ep = expert_parallel_size
-    es = expert_shard_size(world_size, ep, data_parallel_shard_size, requested_expert_shard_size)
+    es = resolve_expert_shard_size(world_size, ep, data_parallel_shard_size, requested_expert_shard_size)
     er = world_size // ep // es
     return torch.arange(world_size).reshape(er, es, ep).permute(2, 0, 1).contiguous()
 

@@ -12,7 +12,7 @@ Where each parameter lives (docs/parallelism.md, SCALE-NOTES):
     routed experts: E/EP experts per rank, fully sharded over ES = EDP = W/EP expert-data-parallel ranks
         when S > 1 (ER = 1) unless the layout asks for another divisor ES of EDP (strategy.expert_shard_size:
         ER = EDP / ES replicas, all-reduced), replicated over all W/EP when S = 1 (the rule of
-        parallel/mesh.py's expert_shard_size, which this model calls).
+        parallel/mesh.py's resolve_expert_shard_size, which this model calls).
 
 Bytes per local parameter (precision):                    32-true  bf16-mixed  bf16-true
     parameters (fp32 master or the weights themselves)     4        4           2
@@ -41,11 +41,20 @@ dtype, r residual dtype, RMSNorm computes in fp32):
     attention    T*(H + 2G)*Dh*a                 rotated q, k and v (kept by flash attention)
                  + 2*T*H*Dh*a + T*H*4            its output, the o_proj input, log-sum-exp
     router       T*E*4*3 + T*K*(8+8+8)           fp32 logits, scores, softmax for z-loss; ids, probs
-    routed       2*N*D*a + 4*N*F*a               expert input and output copies; gate, up, silu, h
-    shared       4*T*Fs*a                        the same SwiGLU terms at width Fs
+    routed       2*N*D*a + k*N*F*a               expert input and output copies, and k intermediates per copy:
+                                                 k = 2 with the fused SwiGLU node (g and u; it recomputes silu(g)
+                                                 and h in backward), k = 4 with autograd through the grouped GEMMs
+                                                 (gate, up, silu(gate), h) + the gate|up weight copy when fused
+    shared       4*T*Fs*a                        gate, up, silu(gate), h of the shared SwiGLU (FeedForward: plain
+                                                 autograd; its input is the norm's output, counted there)
+    dense FFN    4*T*Fd*a                        the same four at the first_k_dense blocks' width Fd
+Which routed-expert path runs is the experts layer's own rule (layers/experts.py runs_fused_swiglu, from
+kernels/grouped_mm.py's grouped_mm_choice) for model.moe.grouped_mm_backend on the planned hardware: with
+`auto`, the fused node on CPU and torch._grouped_mm on accelerators (assumed to work there: the planner does
+not probe hardware it is not running on); `mm` is the fused node everywhere, `torch` and `loop` autograd.
 Checkpointing (parallel/recompute.py): full keeps only each block's input (T*D*r) and recomputes one block
 at a time in backward (+1 forward: compute x 4/3); selective recomputes the routed experts only
-(activation_checkpointing_target=experts: drops 4*N*F*a per block, adds their forward FLOPs). Logits: T*V*12 bytes (fp32 log-softmax output, its gradient and the input gradient
+(activation_checkpointing_target=experts: drops k*N*F*a per block, adds their forward FLOPs). Logits: T*V*12 bytes (fp32 log-softmax output, its gradient and the input gradient
 live together at the start of backward).
 
 Step time for one micro-batch on every rank (no pipeline; communication from ring collectives):
@@ -71,13 +80,14 @@ from torch import nn
 
 from moe_plugin.accelerators.catalog import DeviceSpec
 from moe_plugin.accelerators.cost import CostEstimate, estimate_cost
+from moe_plugin.accelerators.profiles import PROFILES
 from moe_plugin.layers.attention import Attention
-from moe_plugin.layers.experts import fuse_gate_up
+from moe_plugin.layers.experts import fuse_gate_up, runs_fused_swiglu
 from moe_plugin.layers.feed_forward import FeedForward
 from moe_plugin.layers.moe import MoE
 from moe_plugin.layers.norm_head import NormHead
 from moe_plugin.models.inspect import count_parameters, flops_per_token
-from moe_plugin.parallel.mesh import LayoutError, expert_shard_size
+from moe_plugin.parallel.mesh import LayoutError, resolve_expert_shard_size
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
@@ -140,6 +150,7 @@ class ModelShape:
     total_params: int
     active_params: int
     seq_len: int
+    grouped_mm_backend: str = "auto"  # model.moe.grouped_mm_backend: with the hardware, which expert path runs
 
 
 def model_shape(model: nn.Module, seq_len: int, name: str = "") -> ModelShape:
@@ -190,6 +201,7 @@ def model_shape(model: nn.Module, seq_len: int, name: str = "") -> ModelShape:
         total_params=counts.total,
         active_params=counts.active,
         seq_len=seq_len,
+        grouped_mm_backend=moe.experts.grouped_mm_backend,
     )
 
 
@@ -227,7 +239,7 @@ class Layout:
     @property
     def expert_shard(self) -> int:
         """ES: ranks each local expert block is split over (parallel/mesh.py's rule, not a copy of it)."""
-        return expert_shard_size(self.world, self.ep, self.shard, self.expert_shard_size)
+        return resolve_expert_shard_size(self.world, self.ep, self.shard, self.expert_shard_size)
 
     @property
     def sharded(self) -> bool:
@@ -276,8 +288,33 @@ class MemoryEstimate:
         return max(self.phases, key=lambda k: self.phases[k])
 
 
-def _block_activations(shape: ModelShape, T: int, n: float, p: Precision, r: int, moe: bool) -> dict[str, float]:
-    """Bytes autograd saves for one block (see the module docstring); `n` routed copies on this rank."""
+# N x F (or T x F) intermediates autograd keeps per SwiGLU MLP (measured with saved-tensor hooks in
+# tests/unit/parallel/test_plan.py): the fused SwiGLU experts node keeps g and u; autograd through the matmuls
+# and SwiGLU ops (the grouped-GEMM experts path, FeedForward) keeps gate, up, silu(gate) and h.
+FUSED_SWIGLU_SAVED = 2
+COMPOSED_SWIGLU_SAVED = 4
+
+
+def planned_device_type(spec: DeviceSpec) -> str:
+    """The torch device type the planned hardware trains on: "cpu" for the host CPU entry, the vendor
+    profile's device type otherwise ("accelerator" for anonymised catalog entries with no vendor or one
+    without a profile: only "cpu" versus anything else changes the model)."""
+    profile = PROFILES.get(spec.vendor or "")
+    return profile.device_type if profile is not None else "accelerator"
+
+
+def routed_expert_intermediates(shape: ModelShape, device_type: str) -> int:
+    """k: N x F tensors the routed experts keep per copy between forward and backward, for the path the experts
+    layer takes with model.moe.grouped_mm_backend on `device_type` (see the module docstring)."""
+    fused = runs_fused_swiglu(shape.grouped_mm_backend, device_type)
+    return FUSED_SWIGLU_SAVED if fused else COMPOSED_SWIGLU_SAVED
+
+
+def _block_activations(
+    shape: ModelShape, T: int, n: float, p: Precision, r: int, moe: bool, k: int
+) -> dict[str, float]:
+    """Bytes autograd saves for one block (see the module docstring); `n` routed copies on this rank, `k`
+    intermediates per routed copy (routed_expert_intermediates)."""
     D, a = shape.hidden, p.act
     H, G, Dh = shape.num_heads, shape.num_kv_heads, shape.head_dim
     norm = T * D * (4 + 4 + a) + T * 4 - (T * D * 4 if r == 4 else 0)  # the fp32 input is the residual itself
@@ -289,10 +326,10 @@ def _block_activations(shape: ModelShape, T: int, n: float, p: Precision, r: int
     if moe:
         E, K, F = shape.num_experts, shape.top_k, shape.expert_hidden
         out["router"] = T * E * 4 * 3 + T * K * 24 + (T * D * 4 if a != 4 else 0)
-        out["routed_experts"] = 2 * n * D * a + 4 * n * F * a
-        out["shared_experts"] = 4 * T * shape.shared_hidden * a
+        out["routed_experts"] = 2 * n * D * a + k * n * F * a
+        out["shared_experts"] = COMPOSED_SWIGLU_SAVED * T * shape.shared_hidden * a
     else:
-        out["dense_ffn"] = 4 * T * shape.dense_ffn_hidden * a
+        out["dense_ffn"] = COMPOSED_SWIGLU_SAVED * T * shape.dense_ffn_hidden * a
     return out
 
 
@@ -302,13 +339,19 @@ def memory(
     precision: Precision,
     accumulation: int = 1,
     imbalance: float = 1.0,
-    foreach: bool = True,
+    foreach: bool | None = None,
+    device_type: str = "accelerator",
 ) -> MemoryEstimate:
     """Per-rank bytes of one layout (see the module docstring for every formula).
 
+    `device_type`: the torch device type of the planned hardware (planned_device_type); with
+    model.moe.grouped_mm_backend it decides the routed experts' path, hence their saved activations and
+    backward workspace. Any name but "cpu" is an accelerator.
     `foreach`: the optimizer updates all parameters at once (torch's AdamW default on accelerators), so
     its temporary is the size of all local parameters; False (the CPU default) loops over tensors and
-    needs one temporary the size of the largest."""
+    needs one temporary the size of the largest. None: torch's default for `device_type`."""
+    if foreach is None:
+        foreach = device_type != "cpu"
     p, L = precision, layout
     T = L.micro_batch * shape.seq_len
     D, V = shape.hidden, shape.vocab
@@ -342,11 +385,15 @@ def memory(
 
     blocks: dict[str, float] = {}
     per_block_all: list[dict[str, float]] = []
+    k_routed = routed_expert_intermediates(shape, device_type)
+    fused_node = k_routed == FUSED_SWIGLU_SAVED
     for i in range(shape.num_blocks):
         is_moe = i >= shape.num_blocks - shape.num_moe_layers
-        per_block_all.append(_block_activations(shape, T, n, p, r, is_moe))
-    fuse = fuse_gate_up(shape.num_experts // L.ep, D, int(n))
-    fused_copy = (shape.num_experts // L.ep) * D * 2 * shape.expert_hidden * p.compute if fuse else 0.0
+        per_block_all.append(_block_activations(shape, T, n, p, r, is_moe, k_routed))
+    e_local = shape.num_experts // L.ep
+    # the autograd path's gate|up weight concatenation (layers/experts.py fuse_gate_up); the fused node has none
+    fuse = not fused_node and fuse_gate_up(e_local, D, int(n))
+    fused_copy = e_local * D * 2 * shape.expert_hidden * p.compute if fuse else 0.0
     recomputed = 0.0
     for acts in per_block_all:
         if L.checkpointing == "full":
@@ -356,7 +403,7 @@ def memory(
         for k, v in acts.items():
             if L.checkpointing == "selective" and k == "routed_experts":
                 v = 2 * n * D * p.act  # the experts' input is kept, their intermediates recomputed
-                recomputed = max(recomputed, 4 * n * shape.expert_hidden * p.act + fused_copy)
+                recomputed = max(recomputed, k_routed * n * shape.expert_hidden * p.act + fused_copy)
             blocks[k] = blocks.get(k, 0.0) + v
         if "router" in acts and L.checkpointing == "none":
             blocks["routed_experts"] += fused_copy
@@ -367,7 +414,11 @@ def memory(
     t["logits"] = T * V * 12.0
     logits_fwd = T * V * (8.0 + (p.act if p.act != 4 else 0))
     F_ = shape.expert_hidden
-    t["backward_workspace"] = (2 * n * D + 3 * n * F_) * p.act + 2 * T * D * r
+    # the routed experts' backward: dx and dy (N x D) with, through autograd, the gradients of h, silu(gate)
+    # and up for all copies at once (3 N x F), or in the fused node dh, du, silu(g) and silu(g)*u for one
+    # expert's copies at a time (4 N/E_local x F)
+    expert_ws = 4 * n / max(e_local, 1) * F_ if fused_node else 3 * n * F_
+    t["backward_workspace"] = (2 * n * D + expert_ws) * p.act + 2 * T * D * r
     t["all_to_all"] = 2 * n * D * p.act if L.ep > 1 else 0.0
     t["head_gradient"] = shape.head_params * (p.compute if L.sharded else p.grad)
     # AdamW's sqrt of the second moment: for all local parameters at once (foreach) or the largest tensor
@@ -542,9 +593,12 @@ def plan(
     global_batch: int | None = None,
     imbalance: float = 1.0,
     tokens: float = 1e12,
-    foreach: bool = True,
+    foreach: bool | None = None,
 ) -> PlanResult:
     """Every layout of `devices` ranks, with its memory, step time and cost; see PlanResult.fitting.
+
+    The hardware's device type (planned_device_type) picks the routed experts' path and, unless `foreach` is
+    given, whether AdamW updates all tensors at once (accelerators) or one at a time (CPU).
 
     `expert_shards`: the ES values to consider (None = the mesh's default rule); values a (EP, shard) pair
     cannot have (not a divisor of W / EP, or > 1 with shard 1) are skipped unless none is valid."""
@@ -589,7 +643,7 @@ def _plan_one(
     global_batch: int | None,
     imbalance: float,
     tokens: float,
-    foreach: bool,
+    foreach: bool | None,
 ) -> None:
     """Append `layout`'s entry (its error, or its memory, time, cost and whether it fits) to `result`."""
     devices, mb, usable = layout.world, layout.micro_batch, result.usable_bytes
@@ -599,7 +653,7 @@ def _plan_one(
         return
     per_step = devices * mb
     accumulation = max(1, math.ceil(global_batch / per_step)) if global_batch else 1
-    mem = memory(shape, layout, precision, accumulation, imbalance, foreach)
+    mem = memory(shape, layout, precision, accumulation, imbalance, foreach, planned_device_type(spec))
     t = step_time(shape, layout, precision, spec, mfu, net, accumulation, imbalance)
     fits = mem.peak <= usable
     cost = None

@@ -12,6 +12,7 @@ checkpoints at steps 10 and 20.
 - converter: Z2@10 (layout-free) -> DeepSpeed directory (written by DeepSpeed's engine) -> resumed by DeepSpeed's
       own loader with R's steps 11..20, and converted back bit for bit.
 - Z3 at W=2, EP=1: experts partitioned by ZeRO-3 over an expert-data group of 2 ranks: same curve and state as R.
+- Z3 at W=4, EP=2: experts partitioned over their 2 replicas, dense parameters over 4 ranks: same curve and state.
 - reliability: SIGTERM to rank 1 only at step 7 (ZeRO-2, EP=2, 2 processes) -> both ranks exit 143 with a valid
       preemption checkpoint at step 8, and the same command again resumes it (resume=auto) with R's curve; a loss spike rejected by the guard is skipped through
       DeepSpeed's overflow path, so the run (retry included) equals one plain process with the same spike.
@@ -101,6 +102,16 @@ def test_zero3_experts_partitioned_over_two_replicas_equals_one_process(runs: di
     over them; same curve and state as R (measured max |loss difference| 4.8e-7 over 20 steps)."""
     tmp, R = runs["tmp"], runs["R"]
     Z3 = ok(train(tmp, "Z3_ep1", 2, None, strategy=ds(3, 1)))
+    same_curve(Z3, R, range(1, STEPS + 1), ("loss", "balance", "z"))
+    _same_state_as_reference(Z3, R, tmp)
+
+
+def test_zero3_ep2_on_4_processes_equals_one_process(runs: dict) -> None:
+    """ZeRO-3 at W=4, EP=2: each expert has 2 replicas (expert-data groups {0,2} and {1,3}), so ZeRO-3 partitions
+    the expert parameters over 2 ranks and the dense ones over 4, with all-to-all over the expert groups {0,1} and
+    {2,3}; same global batch (2 sequences per rank): same curve and state as R after 20 steps."""
+    tmp, R = runs["tmp"], runs["R"]
+    Z3 = ok(train(tmp, "Z3_w4", 4, None, strategy=ds(3, 2), timeout=600))
     same_curve(Z3, R, range(1, STEPS + 1), ("loss", "balance", "z"))
     _same_state_as_reference(Z3, R, tmp)
 

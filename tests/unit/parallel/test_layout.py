@@ -117,11 +117,11 @@ def test_expert_shard_size_errors(world: int, ep: int, shard: int, es: object, w
 
 
 def test_expert_shard_size_rule() -> None:
-    from moe_plugin.parallel.mesh import expert_mesh_ranks, expert_shard_size, valid_expert_shard_sizes
+    from moe_plugin.parallel.mesh import expert_mesh_ranks, resolve_expert_shard_size, valid_expert_shard_sizes
 
     assert valid_expert_shard_sizes(8, 2, 2) == [1, 2, 4] and valid_expert_shard_sizes(8, 2, 1) == [1]
-    assert expert_shard_size(8, 2, 2) == 4 and expert_shard_size(8, 2, 1) == 1  # the defaults
-    assert expert_shard_size(8, 2, 2, 1) == 1 and expert_shard_size(8, 2, 2, 2) == 2
+    assert resolve_expert_shard_size(8, 2, 2) == 4 and resolve_expert_shard_size(8, 2, 1) == 1  # the defaults
+    assert resolve_expert_shard_size(8, 2, 2, 1) == 1 and resolve_expert_shard_size(8, 2, 2, 2) == 2
     # [EP, ER, ES]: rank = (er * ES + es) * EP + ep; with ES = 1 every rank of an expert's DP column replicates it
     assert expert_mesh_ranks(4, 2, 2, 1).tolist() == [[[0], [2]], [[1], [3]]]
     assert expert_mesh_ranks(4, 2, 2).tolist() == [[[0, 2]], [[1, 3]]]
