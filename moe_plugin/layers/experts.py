@@ -10,7 +10,8 @@ parallelism), D hidden, F expert FFN hidden, N token copies sorted by (local) ex
 expert, and runs the three projections through the grouped-matmul seam (moe_plugin.kernels): on CPU (and
 with grouped_mm_backend="mm") the whole MLP as one fused autograd node of per-expert GEMMs
 (kernels/swiglu_experts.py), torch._grouped_mm on accelerators where it works, the reference loop on
-request. `experts_loop` below is the slow, obvious reference the fast paths are tested against.
+request. With every expert on this rank and dropless routing, the MoE layer can hand the whole
+permute -> experts -> combine to `local_routed` (kernels/local_moe.py: no x_ND / y_ND in memory). `experts_loop` below is the slow, obvious reference the fast paths are tested against.
 
 Expert parallelism: a rank holds `num_experts` = E_local experts whose global ids are
 expert_offset .. expert_offset + E_local - 1 (checkpoints store experts by global id).
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, grouped_mm_choice, select_grouped_mm
+from moe_plugin.kernels.local_moe import local_moe_supported, local_swiglu_moe
 from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
 
@@ -83,6 +85,26 @@ class GroupedExperts(nn.Module):
             gate_NF = gmm(x_ND, self.w_gate_EDF, tokens_per_expert_E)
             up_NF = gmm(x_ND, self.w_up_EDF, tokens_per_expert_E)
         return gmm(F.silu(gate_NF) * up_NF, self.w_down_EFD, tokens_per_expert_E)
+
+    def fuses_local_routing(self, x: torch.Tensor) -> bool:
+        """Whether `local_routed` can serve x: the fused per-expert SwiGLU node's backend on a device the
+        fused local kernel is written for (kernels/local_moe.py), and every expert held here."""
+        fused_node = runs_fused_swiglu(self.grouped_mm_backend, x.device.type, compute_dtype(x))
+        return self.expert_offset == 0 and local_moe_supported(x.device) and fused_node
+
+    def local_routed(
+        self,
+        x_TD: torch.Tensor,
+        probs_TK: torch.Tensor,
+        order_N: torch.Tensor,
+        token_idx_N: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+    ) -> torch.Tensor:
+        """permute -> experts -> weighted combine in one fused node (dropless, all experts local):
+        out_TD[t] = sum_k probs_TK[t, k] * SwiGLU_{e(t,k)}(x_TD[t]), with order_N / token_idx_N /
+        tokens_per_expert_E from layers.permute.sort_by_expert. Only when `fuses_local_routing(x_TD)`."""
+        w = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        return local_swiglu_moe(x_TD, probs_TK, *w, order_N, token_idx_N, tokens_per_expert_E)
 
     def extra_repr(self) -> str:
         return (

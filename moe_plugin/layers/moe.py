@@ -27,6 +27,9 @@ Hooks set from outside, never read from global state:
     dispatcher:  a layers.dispatcher.TokenDispatcher; LocalDispatcher (every expert here) by default,
                  expert parallelism installs dispatch.AllToAllDispatcher
     count_reduce: callable summing a count tensor over the data-parallel group (None = single process)
+    fuse_local_routing: True runs steps 2-5 as one fused node (experts.local_routed, kernels/local_moe.py)
+                 when routing is dropless, the dispatcher is the plain LocalDispatcher and the experts' backend
+                 is the fused CPU SwiGLU node; False (default: not faster on CPU) keeps the separate steps
 `start_step()` (called by the RouterUpdates callback before each optimizer step's first micro-batch)
 opens a new counting window for the global-batch loss and expert bias; the routing warmup counts its own
 accepted steps (routing_warmup.commit_routing_warmup), `start_step(step)` sets that count instead.
@@ -48,7 +51,7 @@ from moe_plugin.layers.losses import (
     router_z_loss,
     sequence_load_balancing_loss,
 )
-from moe_plugin.layers.permute import DROP_POLICIES, Permuted, expert_capacity, permute, unpermute
+from moe_plugin.layers.permute import DROP_POLICIES, Permutation, expert_capacity, permute, sort_by_expert, unpermute
 from moe_plugin.layers.router import RouterOutput, TopKRouter
 from moe_plugin.layers.routing_stats import RoutingStats
 from moe_plugin.layers.routing_warmup import in_backward
@@ -139,6 +142,8 @@ class MoE(nn.Module):
 
         self.dispatcher: TokenDispatcher = LocalDispatcher(num_experts)
         self.count_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Off by default: measured slower on CPU than the separate steps (docs/performance.md, issue 15 fourth pass).
+        self.fuse_local_routing = False
         self.aux_loss: torch.Tensor | None = None
         self.stats = RoutingStats(num_experts)
         # The layer's own math reads the step window: the global-batch loss and the expert-bias update.
@@ -162,21 +167,33 @@ class MoE(nn.Module):
     def _routed(self, x_TD: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """route -> permute -> dispatch -> experts -> combine (steps 1-5), then the losses and statistics."""
         routing = self.router(x_TD, shape[-2] if len(shape) >= 3 else None)
-        permuted = permute(
-            x_TD,
-            routing.topk_ids_TK,
-            self.num_experts,
-            routing.probs_TK,
-            self._capacity(x_TD.shape[0]),
-            self.drop_policy,
-        )
+        capacity = self._capacity(x_TD.shape[0])
         self._check_dispatcher()
+        if self._fused_local(x_TD, capacity):
+            # Steps 2-5 as one node: per expert gather -> SwiGLU -> weighted scatter-add, no x_ND/y_ND arrays.
+            perm = sort_by_expert(routing.topk_ids_TK, self.num_experts)
+            s = perm.state
+            out_TD = self.experts.local_routed(
+                x_TD, routing.probs_TK, s.order_N, s.token_idx_N, perm.tokens_per_expert_E
+            )
+            self._record(routing, perm, shape)
+            return out_TD
+        permuted = permute(x_TD, routing.topk_ids_TK, self.num_experts, routing.probs_TK, capacity, self.drop_policy)
         x_MD, tokens_per_local_expert_L = self.dispatcher.dispatch(permuted.x_ND, permuted.tokens_per_expert_E)
         y_MD = self.experts(x_MD, tokens_per_local_expert_L)
         y_ND = self.dispatcher.combine(y_MD)
         out_TD = unpermute(y_ND, routing.probs_TK, permuted.state)
         self._record(routing, permuted, shape)
         return out_TD
+
+    def _fused_local(self, x_TD: torch.Tensor, capacity: int | None) -> bool:
+        """Dropless, every expert here (the plain LocalDispatcher) and experts that can fuse the permutation."""
+        return (
+            self.fuse_local_routing
+            and capacity is None
+            and type(self.dispatcher) is LocalDispatcher
+            and self.experts.fuses_local_routing(x_TD)
+        )
 
     def _capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -199,7 +216,7 @@ class MoE(nn.Module):
         return shared_TD
 
     # ------------------------------------------------------------------------------ losses and stats
-    def _record(self, routing: RouterOutput, permuted: Permuted, shape: torch.Size) -> None:
+    def _record(self, routing: RouterOutput, permuted: Permutation, shape: torch.Size) -> None:
         routed_E = permuted.routed_tokens_per_expert_E
         # Activation-checkpoint recomputation (inside backward) computes the same tensors, so the saved
         # tensors match, but must not count the tokens a second time.

@@ -3,8 +3,10 @@ weighted scatter.
 
 Shapes: T tokens, D hidden, K experts per token, E experts, N kept token copies (N = T*K when dropless).
 
-permute:    x_TD, topk_ids_TK -> x_ND sorted by expert id (stable: token order inside an expert),
-            tokens_per_expert_E (kept copies), routed_tokens_per_expert_E (before drops), PermuteState
+sort_by_expert: topk_ids_TK -> the order of the kept copies sorted by expert id (stable: token order inside
+            an expert), tokens_per_expert_E (kept copies), routed_tokens_per_expert_E (before drops), PermuteState
+permute:    sort_by_expert, then x_TD -> x_ND (the rows of the sorted copies); the fused local CPU path
+            (kernels/local_moe.py) takes sort_by_expert's output and never materialises x_ND
 unpermute:  y_ND, probs_TK    -> out_TD[t] = sum_k probs[t,k] * y[copy of (t,k)]     (dropped copies add 0)
 
 Capacity (GShard, Switch): with capacity C = ceil(capacity_factor * T * K / E), each expert keeps at
@@ -39,8 +41,9 @@ class PermuteState:
 
 
 @dataclass
-class Permuted:
-    x_ND: torch.Tensor
+class Permutation:
+    """Where each kept copy goes, without moving any data (`sort_by_expert`)."""
+
     tokens_per_expert_E: torch.Tensor  # kept copies per expert (what the experts compute)
     routed_tokens_per_expert_E: torch.Tensor  # routed copies per expert, before capacity drops
     state: PermuteState
@@ -48,6 +51,11 @@ class Permuted:
     @property
     def num_dropped(self) -> torch.Tensor:
         return self.routed_tokens_per_expert_E.sum() - self.tokens_per_expert_E.sum()
+
+
+@dataclass
+class Permuted(Permutation):
+    x_ND: torch.Tensor  # the kept copies' rows, grouped by expert
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -63,6 +71,22 @@ def permute(
     capacity: int | None = None,
     drop_policy: str = "probs",
 ) -> Permuted:
+    """`sort_by_expert`, then gather the kept copies' rows of x_TD into x_ND."""
+    p = sort_by_expert(topk_ids_TK, num_experts, probs_TK, capacity, drop_policy)
+    # index_select, not x_TD[idx]: its backward is index_add, several times faster on CPU than the
+    # index_put(accumulate=True) that advanced indexing differentiates to.
+    x_ND = x_TD.index_select(0, p.state.token_idx_N)
+    return Permuted(p.tokens_per_expert_E, p.routed_tokens_per_expert_E, p.state, x_ND)
+
+
+def sort_by_expert(
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    probs_TK: torch.Tensor | None = None,
+    capacity: int | None = None,
+    drop_policy: str = "probs",
+) -> Permutation:
+    """The kept copies sorted by expert id (stable), their source tokens and the counts; no data moves."""
     K = topk_ids_TK.shape[1]
     flat_ids_N = topk_ids_TK.flatten()
     routed_E = torch.bincount(flat_ids_N, minlength=num_experts)
@@ -86,11 +110,8 @@ def permute(
         order_N = order_N[rank_in_expert_N < capacity]
         kept_E = routed_E.clamp_max(capacity)
     token_idx_N = order_N // K
-    # index_select, not x_TD[idx]: its backward is index_add, several times faster on CPU than the
-    # index_put(accumulate=True) that advanced indexing differentiates to.
-    x_ND = x_TD.index_select(0, token_idx_N)
-    state = PermuteState(order_N, token_idx_N, x_TD.shape[0], K, dropless=capacity is None)
-    return Permuted(x_ND, kept_E, routed_E, state)
+    state = PermuteState(order_N, token_idx_N, topk_ids_TK.shape[0], K, dropless=capacity is None)
+    return Permutation(kept_E, routed_E, state)
 
 
 def unpermute(y_ND: torch.Tensor, probs_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:
