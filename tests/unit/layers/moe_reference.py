@@ -46,3 +46,14 @@ def loop_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     if moe.shared_experts is not None:
         out_TD = out_TD + moe._shared(x_TD)
     return out_TD.reshape(x.shape)
+
+
+def small_moe(**kw) -> MoE:
+    """A seeded MoE(16, 8 experts top-2, F 12) with a router strong enough that top-k choices are not near-ties."""
+    torch.manual_seed(0)
+    args = {"num_experts": 8, "top_k": 2, "expert_hidden_size": 12}
+    args.update(kw)
+    m = MoE(16, **args)
+    with torch.no_grad():
+        m.router.weight.normal_(std=0.5)
+    return m

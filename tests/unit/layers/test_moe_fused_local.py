@@ -5,6 +5,9 @@ blocks; and training losses of a whole model over a few optimizer steps."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,17 +17,13 @@ from moe_plugin.layers.moe import MoE, collect_aux_losses, moe_layers
 from moe_plugin.models.decoder import MoEDecoderLM
 from moe_plugin.parallel.recompute import apply_activation_checkpointing
 
+sys.path.insert(0, str(Path(__file__).parent))
+from moe_reference import small_moe  # noqa: E402
+
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def _layer(**kw) -> MoE:
-    torch.manual_seed(0)
-    args = {"num_experts": 8, "top_k": 2, "expert_hidden_size": 12}
-    args.update(kw)
-    m = MoE(16, **args)
-    with torch.no_grad():
-        m.router.weight.normal_(std=0.5)
-    return m
+_layer = small_moe
 
 
 def _spy(m: MoE) -> list[int]:

@@ -12,19 +12,12 @@ import torch
 from moe_plugin.layers.moe import MoE, collect_aux_losses, moe_layers, moe_start_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_reference import dense_moe_reference, loop_moe_reference  # noqa: E402
+from moe_reference import dense_moe_reference, loop_moe_reference, small_moe  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def _layer(**kw) -> MoE:
-    torch.manual_seed(0)
-    args = {"num_experts": 8, "top_k": 2, "expert_hidden_size": 12}
-    args.update(kw)
-    m = MoE(16, **args)
-    with torch.no_grad():  # a router strong enough that top-k choices are not near-ties
-        m.router.weight.normal_(std=0.5)
-    return m
+_layer = small_moe
 
 
 def _grads(m: MoE, x: torch.Tensor, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
