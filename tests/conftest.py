@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The compiled CPU kernels (moe_plugin/kernels/native.py) are built into a cache of this test session, once,
+# and every subprocess a test starts inherits the folder: the suite exercises the build and writes nothing
+# outside temporary folders.
+if "MOE_PLUGIN_KERNEL_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MOE_PLUGIN_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="moe_plugin_kernels_")
 
 
 import pytest  # noqa: E402

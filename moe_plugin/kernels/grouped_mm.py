@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
+from moe_plugin.kernels.native import native_ops, native_status
+
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-BACKENDS = ("auto", "torch", "mm", "loop")
+BACKENDS = ("auto", "native", "torch", "mm", "loop")
 
 
 def grouped_mm_loop(x_NI: torch.Tensor, w_EIO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -206,16 +208,33 @@ def check_backend(backend: str) -> None:
 
 
 def grouped_mm_choice(backend: str, device_type: str, dtype: torch.dtype | None = None) -> str:
-    """The rule of `select_grouped_mm`, by name: "loop", "mm" (the per-expert mm node) or "torch".
+    """The rule of `select_grouped_mm`, by name: "loop", "mm" (the per-expert mm node), "native" (the same node
+    compiled for CPU, kernels/native.py) or "torch".
 
-    "auto": "mm" on CPU; elsewhere "torch" when torch._grouped_mm works on `device_type` with `dtype` (probed
-    once per device type and dtype), else "mm". With `dtype=None` nothing is probed and torch._grouped_mm is
-    assumed to work off CPU: the view of a caller planning for hardware it does not run on (parallel/plan.py).
+    "auto": on CPU "native" when the compiled kernels build and load here, else "mm"; elsewhere "torch" when
+    torch._grouped_mm works on `device_type` with `dtype` (probed once per device type and dtype), else "mm".
+    With `dtype=None` nothing is probed or built: CPU counts as "mm" (the compiled node saves the same tensors)
+    and torch._grouped_mm is assumed to work off CPU, the view of a caller planning for hardware it does not
+    run on (parallel/plan.py). "native" off CPU, or where it cannot be built, is an error naming the key.
     """
     check_backend(backend)
     if backend == "loop":
         return "loop"
-    if backend == "mm" or (backend == "auto" and device_type == "cpu"):
+    if backend == "native":
+        if device_type != "cpu":
+            raise ValueError(
+                f"model.moe.grouped_mm_backend='native' is the compiled CPU kernel, but the experts run on "
+                f"{device_type}; use 'auto' (torch._grouped_mm where it works)."
+            )
+        if dtype is not None and native_ops() is None:
+            raise ValueError(
+                "model.moe.grouped_mm_backend='native' but the compiled CPU kernels are not available here "
+                f"({native_status()}); use 'auto' or 'mm' (the Python path, same results)."
+            )
+        return "native"
+    if backend == "auto" and device_type == "cpu":
+        return "native" if dtype is not None and native_ops() is not None else "mm"
+    if backend == "mm":
         return "mm"
     if backend == "torch" or dtype is None:
         return "torch"
@@ -238,7 +257,8 @@ def select_grouped_mm(
             f"grouped_mm_backend='torch' but torch._grouped_mm does not work on {device_type} with {dtype} in "
             f"torch {torch.__version__}; set grouped_mm_backend='auto' or 'loop'."
         )
-    return {"loop": grouped_mm_loop, "mm": grouped_mm_mm, "torch": grouped_mm_torch}[choice]
+    # The compiled kernel is the whole SwiGLU MLP (layers/experts.py); a lone grouped GEMM takes the mm node.
+    return {"loop": grouped_mm_loop, "mm": grouped_mm_mm, "native": grouped_mm_mm, "torch": grouped_mm_torch}[choice]
 
 
 def grouped_mm_backend_name(fn: GroupedMM) -> str:

@@ -19,6 +19,12 @@ work reads operands still in cache; only g and u are saved (silu(g) and h are re
 backward, in cache: half the saved activations of autograd on the composed ops). The expert counts must be on the host (one `.tolist()` per
 layer, done by the caller); GPUs should keep using the one-kernel `torch._grouped_mm` path instead.
 
+Two implementations of the same node: `native=True` runs forward and backward as two compiled CPU ops
+(kernels/csrc/swiglu_experts.cpp, built by kernels/native.py) that cut the N rows into one contiguous range
+per intra-op thread, so that every thread runs whole per-expert GEMMs single-threaded (a few-hundred-row GEMM
+does not scale over threads inside MKL) and no Python runs per expert; `native=False` is the Python loop
+below, one `torch.mm` per expert, each threaded by MKL. Same math, same saved tensors.
+
 Reference: `experts_loop` in moe_plugin/layers/experts.py (tests/unit/kernels/test_swiglu_experts.py).
 """
 
@@ -31,6 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_plugin.kernels.grouped_mm import compute_dtype, expert_bounds, host_counts, weight_grad_buffer
+from moe_plugin.kernels.native import native_ops
+
+# Rows per block of the compiled kernel: each thread walks its experts in blocks of at most this many rows
+# (bounds its g/u/h workspace for a hot expert; below it an expert's GEMMs run whole).
+NATIVE_BLOCK_ROWS = 1024
+# Fewer rows than this per thread and the compiled kernel uses fewer threads.
+NATIVE_MIN_ROWS_PER_THREAD = 64
 
 
 class _SwiGLUExperts(torch.autograd.Function):
@@ -42,8 +55,17 @@ class _SwiGLUExperts(torch.autograd.Function):
         w_up_EDF: torch.Tensor,
         w_down_EFD: torch.Tensor,
         counts: Sequence[int],
+        native: bool,
     ) -> torch.Tensor:
         x_ND = x_ND.contiguous()
+        ctx.native = native
+        if native:
+            y_ND, g_NF, u_NF = native_ops().swiglu_experts_forward(  # type: ignore[attr-defined]
+                x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, list(counts), NATIVE_BLOCK_ROWS, NATIVE_MIN_ROWS_PER_THREAD
+            )
+            ctx.counts = list(counts)
+            ctx.save_for_backward(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF)
+            return y_ND  # type: ignore[no-any-return]
         N, F_ = x_ND.shape[0], w_gate_EDF.shape[-1]
         bounds = expert_bounds(counts)
         g_NF = x_ND.new_empty(N, F_)
@@ -66,9 +88,27 @@ class _SwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, g_NF, u_NF = ctx.saved_tensors
-        bounds = ctx.bounds
         dy_ND = dy_ND.contiguous()
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+        if ctx.native:
+            need_w = need_wg or need_wu or need_wd
+            dx, dwg, dwu, dwd = native_ops().swiglu_experts_backward(  # type: ignore[attr-defined]
+                dy_ND,
+                x_ND,
+                w_gate_EDF,
+                w_up_EDF,
+                w_down_EFD,
+                g_NF,
+                u_NF,
+                ctx.counts,
+                need_x,
+                need_w,
+                NATIVE_BLOCK_ROWS,
+                NATIVE_MIN_ROWS_PER_THREAD,
+            )
+            keep = (need_x, need_wg, need_wu, need_wd)
+            return (*(t if k else None for t, k in zip((dx, dwg, dwu, dwd), keep)), None, None)
+        bounds = ctx.bounds
         dx_ND = torch.empty_like(x_ND) if need_x else None
         dw_down = weight_grad_buffer(w_down_EFD, bounds) if need_wd else None
         dw_gate = weight_grad_buffer(w_gate_EDF, bounds) if need_wg else None
@@ -102,7 +142,7 @@ class _SwiGLUExperts(torch.autograd.Function):
 
         if dx_ND is not None and len(bounds) == 0:
             dx_ND.zero_()
-        return dx_ND, dw_gate, dw_up, dw_down, None
+        return dx_ND, dw_gate, dw_up, dw_down, None, None
 
 
 def swiglu_experts(
@@ -111,10 +151,13 @@ def swiglu_experts(
     w_up_EDF: torch.Tensor,
     w_down_EFD: torch.Tensor,
     tokens_per_expert_E: torch.Tensor | Sequence[int],
+    native: bool = False,
 ) -> torch.Tensor:
     """y_ND[n] = (silu(x_n @ Wg[e]) * (x_n @ Wu[e])) @ Wd[e] for the expert e of row n.
 
-    Computes in the autocast dtype when autocast is on (as `@` would), otherwise in x's dtype."""
+    Computes in the autocast dtype when autocast is on (as `@` would), otherwise in x's dtype. `native=True`
+    asks for the compiled CPU kernel (the caller checked `native_ops()`); it is taken for plain CPU tensors
+    and the Python loop serves anything else (tensor subclasses, other devices)."""
     counts = host_counts(tokens_per_expert_E)
     if sum(counts) != x_ND.shape[0] or len(counts) != w_gate_EDF.shape[0]:
         raise ValueError(
@@ -123,5 +166,17 @@ def swiglu_experts(
         )
     dtype = compute_dtype(x_ND)
     tensors = [t if t.dtype == dtype else t.to(dtype) for t in (x_ND, w_gate_EDF, w_up_EDF, w_down_EFD)]
+    native = native and native_applies(tensors)
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _SwiGLUExperts.apply(*tensors, counts)  # type: ignore[no-any-return]
+        return _SwiGLUExperts.apply(*tensors, counts, native)  # type: ignore[no-any-return]
+
+
+def native_applies(tensors: Sequence[torch.Tensor]) -> bool:
+    """The compiled kernel takes plain dense CPU tensors of one float dtype (no DTensor or other subclass)."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided for t in tensors)
+        and native_ops() is not None
+    )

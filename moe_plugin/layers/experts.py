@@ -8,8 +8,8 @@ parallelism), D hidden, F expert FFN hidden, N token copies sorted by (local) ex
 
 `forward` takes token copies already grouped by expert (see permute.py, dispatch/) with the count per
 expert, and runs the three projections through the grouped-matmul seam (moe_plugin.kernels): on CPU (and
-with grouped_mm_backend="mm") the whole MLP as one fused autograd node of per-expert GEMMs
-(kernels/swiglu_experts.py), torch._grouped_mm on accelerators where it works, the reference loop on
+with grouped_mm_backend="mm" or "native") the whole MLP as one fused autograd node of per-expert GEMMs
+(kernels/swiglu_experts.py; compiled for CPU threads where it builds, kernels/native.py), torch._grouped_mm on accelerators where it works, the reference loop on
 request. With every expert on this rank and dropless routing, the MoE layer can hand the whole
 permute -> experts -> combine to `local_routed` (kernels/local_moe.py: no x_ND / y_ND in memory). `experts_loop` below is the slow, obvious reference the fast paths are tested against.
 
@@ -28,6 +28,10 @@ from torch import nn
 from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtype, grouped_mm_choice, select_grouped_mm
 from moe_plugin.kernels.local_moe import local_moe_supported, local_swiglu_moe
 from moe_plugin.kernels.swiglu_experts import swiglu_experts
+
+
+# The grouped-GEMM choices served by the fused SwiGLU node: its Python loop ("mm") and its compiled form.
+FUSED_SWIGLU_CHOICES = ("mm", "native")
 
 
 class GroupedExperts(nn.Module):
@@ -71,9 +75,12 @@ class GroupedExperts(nn.Module):
                 f"tokens_per_expert has shape {tuple(tokens_per_expert_E.shape)}, expected ({self.num_experts},) "
                 "(one count per local expert)."
             )
-        if runs_fused_swiglu(self.grouped_mm_backend, x_ND.device.type, compute_dtype(x_ND)):
-            # The per-expert mm path (the CPU default): the whole SwiGLU MLP as one autograd node.
-            return swiglu_experts(x_ND, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, tokens_per_expert_E)
+        choice = grouped_mm_choice(self.grouped_mm_backend, x_ND.device.type, compute_dtype(x_ND))
+        if choice in FUSED_SWIGLU_CHOICES:
+            # The per-expert mm path (the CPU default, compiled where it builds): the whole SwiGLU MLP as one
+            # autograd node.
+            w = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+            return swiglu_experts(x_ND, *w, tokens_per_expert_E, native=choice == "native")
         gmm = self.grouped_mm(x_ND)
         if fuse_gate_up(self.num_experts, self.hidden_size, x_ND.shape[0]):
             # Gate and up as ONE grouped GEMM of width 2F: half the kernel calls (per expert on CPU),
@@ -118,7 +125,7 @@ def runs_fused_swiglu(grouped_mm_backend: str, device_type: str, dtype: torch.dt
     only) rather than autograd through grouped GEMMs and SwiGLU ops (saves gate, up, silu(gate) and h): the
     fused node is taken wherever the grouped-GEMM rule picks the per-expert mm path. `dtype=None`: no probe,
     torch._grouped_mm assumed to work off CPU (the memory planner's view of hardware it does not run on)."""
-    return grouped_mm_choice(grouped_mm_backend, device_type, dtype) == "mm"
+    return grouped_mm_choice(grouped_mm_backend, device_type, dtype) in FUSED_SWIGLU_CHOICES
 
 
 def fuse_gate_up(num_experts: int, hidden_size: int, num_copies: int) -> bool:
