@@ -29,7 +29,6 @@ from moe_plugin.kernels.grouped_mm import GroupedMM, check_backend, compute_dtyp
 from moe_plugin.kernels.local_moe import local_moe_supported, local_swiglu_moe
 from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
-
 # The grouped-GEMM choices served by the fused SwiGLU node: its Python loop ("mm") and its compiled form.
 FUSED_SWIGLU_CHOICES = ("mm", "native")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_plugin.kernels.swiglu_experts import swiglu_experts
 from moe_plugin.kernels.native import native_ops
+from moe_plugin.kernels.swiglu_experts import swiglu_experts
 from moe_plugin.layers.experts import experts_loop
 
 # The compiled kernel is part of the CPU path: where it cannot be built, these tests say so by failing.
