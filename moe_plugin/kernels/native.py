@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 NAME = "moe_plugin_cpu"
-SOURCES = ("swiglu_experts.cpp",)
+SOURCES = ("swiglu_experts.cpp", "token_rows.cpp")
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden")
 DISABLE_ENV = "MOE_PLUGIN_NATIVE_KERNELS"
 CACHE_ENV = "MOE_PLUGIN_KERNEL_CACHE"
 
@@ -55,13 +55,18 @@ def _compiler() -> str | None:
     return None
 
 
-def _command(compiler: str, sources: list[Path], out: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths, library_paths
+def _compile_command(compiler: str, source: Path, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(s) for s in sources]
+    return [*cmd, *(f"-I{p}" for p in include_paths()), "-c", str(source), "-o", str(out)]
+
+
+def _link_command(compiler: str, objects: list[Path], out: Path) -> list[str]:
+    from torch.utils.cpp_extension import library_paths
+
+    cmd = [compiler, "-shared", "-fopenmp", *(str(o) for o in objects)]
     for lib_dir in library_paths():
         cmd += [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"]
     return [*cmd, "-lc10", "-ltorch_cpu", "-ltorch", "-o", str(out)]
@@ -97,19 +102,32 @@ def build(cache: Path | None = None, quiet: bool = False) -> Path:
             print(f"moe_plugin: compiling the CPU expert kernels once (about 25 s) into {folder}", file=sys.stderr)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
         os.close(fd)
+        objects = [Path(f"{tmp}.{i}.o") for i in range(len(sources))]
         try:
-            proc = subprocess.run(_command(compiler, sources, Path(tmp)), capture_output=True, text=True)
-            if proc.returncode != 0:
-                (folder / "build.log").write_text(proc.stdout + proc.stderr)
+            # One compiler process per source at once (the torch headers dominate each), then one link.
+            jobs = [subprocess.Popen(_compile_command(compiler, s, o), **_PIPES) for s, o in zip(sources, objects)]
+            results = []
+            for job in jobs:
+                out, err = job.communicate()
+                results.append((job.returncode, out, err))
+            if all(r[0] == 0 for r in results):
+                link = subprocess.run(_link_command(compiler, objects, Path(tmp)), **_PIPES)
+                results.append((link.returncode, link.stdout, link.stderr))
+            if any(r[0] != 0 for r in results):
+                (folder / "build.log").write_text("".join(out + err for _, out, err in results))
                 raise NativeKernelError(
                     f"compiling {', '.join(SOURCES)} failed (log: {folder / 'build.log'}); set "
                     f"{DISABLE_ENV}=0 to use the Python path."
                 )
             os.replace(tmp, lib)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for leftover in (tmp, *objects):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     return lib
+
+
+_PIPES = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
 
 
 @functools.cache

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from moe_plugin.kernels.token_rows import dropless_combine, dropless_gather
 
 DROP_POLICIES = ("probs", "position")
 
@@ -38,6 +38,15 @@ class PermuteState:
     num_tokens: int
     top_k: int
     dropless: bool  # every copy kept: order_N is a permutation of range(T*K)
+    _positions_TK: torch.Tensor | None = None
+
+    def positions_TK(self) -> torch.Tensor:
+        """Dropless only: the sorted position of each (token, k) copy, the inverse of order_N (computed once)."""
+        if self._positions_TK is None:
+            pos_N = torch.empty_like(self.order_N)
+            pos_N[self.order_N] = torch.arange(self.order_N.numel(), device=self.order_N.device)
+            self._positions_TK = pos_N.view(self.num_tokens, self.top_k)
+        return self._positions_TK
 
 
 @dataclass
@@ -73,9 +82,12 @@ def permute(
 ) -> Permuted:
     """`sort_by_expert`, then gather the kept copies' rows of x_TD into x_ND."""
     p = sort_by_expert(topk_ids_TK, num_experts, probs_TK, capacity, drop_policy)
-    # index_select, not x_TD[idx]: its backward is index_add, several times faster on CPU than the
-    # index_put(accumulate=True) that advanced indexing differentiates to.
-    x_ND = x_TD.index_select(0, p.state.token_idx_N)
+    if p.state.dropless:  # every token has K copies: the backward sums them with a gather (kernels/token_rows.py)
+        x_ND = dropless_gather(x_TD, p.state.token_idx_N, p.state.positions_TK())
+    else:
+        # index_select, not x_TD[idx]: its backward is index_add, several times faster on CPU than the
+        # index_put(accumulate=True) that advanced indexing differentiates to.
+        x_ND = x_TD.index_select(0, p.state.token_idx_N)
     return Permuted(p.tokens_per_expert_E, p.routed_tokens_per_expert_E, p.state, x_ND)
 
 
@@ -115,67 +127,13 @@ def sort_by_expert(
 
 
 def unpermute(y_ND: torch.Tensor, probs_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:
-    """out_TD[t] = sum_k probs_TK[t, k] * y_ND[copy of (t, k)]; dropped copies contribute nothing."""
+    """out_TD[t] = sum_k probs_TK[t, k] * y_ND[copy of (t, k)]; dropped copies contribute nothing.
+
+    Dropless: one gather-weight-sum per token with a gather-only backward (kernels/token_rows.py: autograd of
+    embedding_bag zero-fills an N x D gradient and scatter-adds into it, about 3x the memory traffic)."""
     if state.dropless:
-        return _DroplessCombine.apply(y_ND, probs_TK.to(y_ND.dtype), state)  # type: ignore[no-any-return]
+        return dropless_combine(y_ND, probs_TK, state.order_N, state.positions_TK())
     return unpermute_reference(y_ND, probs_TK, state)
-
-
-# Rows per block of the combine backward: the gathered output-gradient block (rows x D) stays in cache
-# while it is both scaled into dy and dotted with y.
-_COMBINE_BLOCK_ROWS = 2048
-
-
-class _DroplessCombine(torch.autograd.Function):
-    """Dropless combine with a gather-only backward (order_N is a permutation: no accumulation needed).
-
-        forward:   out_TD[t]   = sum_k p[t,k] * y_ND[pos[t,k]]              (embedding_bag, K copies a bag)
-        backward:  dy_ND[n]    = p_N[n] * dout_TD[token(n)]                  (p_N = p in sorted order)
-                   dp_N[n]     = <dout_TD[token(n)], y_ND[n]>,   dp_TK = dp_N in token order
-
-    Why: autograd of embedding_bag zero-fills an N x D gradient and scatter-adds into it, and computes dp
-    with another gather: about 3x the memory traffic of this backward (measured: 64 experts top-6, 4096
-    tokens, D 256, 1 thread: ~19 ms of a ~230 ms layer pass went there). Reference: unpermute_reference.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, y_ND: torch.Tensor, probs_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:  # type: ignore[override]
-        sorted_pos_N = torch.empty_like(state.order_N)
-        sorted_pos_N[state.order_N] = torch.arange(state.order_N.numel(), device=state.order_N.device)
-        ctx.save_for_backward(y_ND, probs_TK)
-        ctx.state = state
-        # One fused gather-weight-sum; each token's K copies form a bag. No N x D temporary for y * w.
-        return F.embedding_bag(
-            sorted_pos_N.view(state.num_tokens, state.top_k), y_ND, per_sample_weights=probs_TK, mode="sum"
-        )
-
-    @staticmethod
-    def backward(ctx: Any, dout_TD: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
-        y_ND, probs_TK = ctx.saved_tensors
-        state: PermuteState = ctx.state
-        need_y, need_p = ctx.needs_input_grad[:2]
-        dout_TD = dout_TD.contiguous()
-        N, D = y_ND.shape
-        probs_N = probs_TK.flatten()[state.order_N]
-        dy_ND = y_ND.new_empty(N, D) if need_y else None
-        dp_N = probs_N.new_empty(N) if need_p else None
-        for s in range(0, N, _COMBINE_BLOCK_ROWS):
-            t = min(s + _COMBINE_BLOCK_ROWS, N)
-            idx_n = state.token_idx_N[s:t]
-            if dy_ND is not None:  # gathered straight into dy's rows, then scaled in place
-                g_nD = torch.index_select(dout_TD, 0, idx_n, out=dy_ND[s:t])
-            else:
-                g_nD = dout_TD.index_select(0, idx_n)
-            if dp_N is not None:  # before the scaling below
-                torch.sum(g_nD * y_ND[s:t], dim=1, out=dp_N[s:t])
-            if dy_ND is not None:
-                g_nD.mul_(probs_N[s:t, None])
-        dp_TK = None
-        if dp_N is not None:
-            dp_TK = torch.empty_like(probs_N)
-            dp_TK[state.order_N] = dp_N
-            dp_TK = dp_TK.view_as(probs_TK)
-        return dy_ND, dp_TK, None
 
 
 def unpermute_reference(y_ND: torch.Tensor, probs_TK: torch.Tensor, state: PermuteState) -> torch.Tensor:
