@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 NAME = "moe_plugin_cpu"
-SOURCES = ("swiglu_experts.cpp", "token_rows.cpp")
+SOURCES = ("swiglu_experts.cpp",)
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden")
 DISABLE_ENV = "MOE_PLUGIN_NATIVE_KERNELS"

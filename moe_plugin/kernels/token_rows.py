@@ -9,11 +9,13 @@ the inverse permutation (positions_TK.flat[order_N[n]] = n): where each (t, k) c
     combine:  out_TD[t] = sum_k p_TK[t, k] * y_ND[positions_TK[t, k]]
               dy_ND[n]  = p_N[n] * dout_TD[token_idx_N[n]],   dp_TK.flat[order_N[n]] = <dout_TD[token(n)], y_ND[n]>
 
-Both backward passes only gather (no scatter-add, no zero fill), which the dropless permutation allows.
-On CPU they run as the compiled ops of kernels/csrc/token_rows.cpp, parallel over the intra-op threads (torch's
-index_select / index_add / embedding_bag backward ran them on one thread); elsewhere, or where the compiled
-kernels are unavailable, the same math runs as torch ops. Reference: layers/permute.py unpermute_reference and
-plain index_select (tests/unit/kernels/test_token_rows.py).
+Both backward passes only gather (no scatter-add, no zero fill), which the dropless permutation allows:
+the permute backward is one embedding_bag over each token's K copies instead of index_add (measured at 4,096
+tokens, 64 experts top-6, D 256: 3.9 vs 5.9 ms at 1 thread, 2.4 vs 3.5 ms at 2). Compiled C++ loops for
+these rows were tried and measured slower than torch's own parallel index_select and embedding_bag (5.1 vs 4.4
+and 6.4 vs 3.9 ms at 1 thread): every op here streams N x D rows through memory, which no loop avoids; only
+fusing them into the expert GEMMs would (kernels/local_moe.py measured that, not faster on CPU either).
+Reference: layers/permute.py unpermute_reference and plain index_select (tests/unit/kernels/test_token_rows.py).
 """
 
 from __future__ import annotations
@@ -23,23 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moe_plugin.kernels.native import native_ops
-
 # Rows per block of the torch combine backward: the gathered output-gradient block (rows x D) stays in cache
 # while it is both scaled into dy and dotted with y.
 _COMBINE_BLOCK_ROWS = 2048
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def native_rows(*tensors: torch.Tensor) -> bool:
-    """The compiled row ops serve plain dense CPU tensors of a float dtype."""
-    first = tensors[0]
-    return (
-        first.device.type == "cpu"
-        and first.dtype in _NATIVE_DTYPES
-        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided for t in tensors)
-        and native_ops() is not None
-    )
 
 
 class _DroplessGather(torch.autograd.Function):
@@ -48,18 +36,12 @@ class _DroplessGather(torch.autograd.Function):
         ctx: Any, x_TD: torch.Tensor, token_idx_N: torch.Tensor, positions_TK: torch.Tensor
     ) -> torch.Tensor:
         ctx.save_for_backward(positions_TK)
-        ctx.native = native_rows(x_TD)
-        if ctx.native:
-            return native_ops().gather_rows(x_TD.contiguous(), token_idx_N.contiguous())  # type: ignore[attr-defined]
         return x_TD.index_select(0, token_idx_N)
 
     @staticmethod
     def backward(ctx: Any, dx_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (positions_TK,) = ctx.saved_tensors
-        dx_ND = dx_ND.contiguous()
-        if ctx.native and native_rows(dx_ND):
-            return native_ops().weighted_row_sum(dx_ND, positions_TK, None), None, None  # type: ignore[attr-defined]
-        return F.embedding_bag(positions_TK, dx_ND, mode="sum"), None, None
+        return F.embedding_bag(positions_TK, dx_ND.contiguous(), mode="sum"), None, None
 
 
 def dropless_gather(x_TD: torch.Tensor, token_idx_N: torch.Tensor, positions_TK: torch.Tensor) -> torch.Tensor:
@@ -73,9 +55,6 @@ class _DroplessCombine(torch.autograd.Function):
         ctx: Any, y_ND: torch.Tensor, probs_TK: torch.Tensor, order_N: torch.Tensor, positions_TK: torch.Tensor
     ) -> torch.Tensor:
         ctx.save_for_backward(y_ND, probs_TK, order_N)
-        ctx.native = native_rows(y_ND, probs_TK)
-        if ctx.native:
-            return native_ops().weighted_row_sum(y_ND.contiguous(), positions_TK, probs_TK.contiguous())  # type: ignore[attr-defined]
         # One fused gather-weight-sum; each token's K copies form a bag. No N x D temporary for y * w.
         return F.embedding_bag(positions_TK, y_ND, per_sample_weights=probs_TK, mode="sum")
 
@@ -84,13 +63,10 @@ class _DroplessCombine(torch.autograd.Function):
         y_ND, probs_TK, order_N = ctx.saved_tensors
         need_y, need_p = ctx.needs_input_grad[:2]
         dout_TD = dout_TD.contiguous()
-        if ctx.native and native_rows(dout_TD) and dout_TD.dtype == y_ND.dtype:
-            dy_ND, dp_TK = native_ops().combine_backward(dout_TD, y_ND, probs_TK.contiguous(), order_N, need_y, need_p)  # type: ignore[attr-defined]
-            return (dy_ND if need_y else None), (dp_TK if need_p else None), None, None
-        return (*_combine_backward_torch(dout_TD, y_ND, probs_TK, order_N, need_y, need_p), None, None)
+        return (*_combine_backward(dout_TD, y_ND, probs_TK, order_N, need_y, need_p), None, None)
 
 
-def _combine_backward_torch(
+def _combine_backward(
     dout_TD: torch.Tensor, y_ND: torch.Tensor, probs_TK: torch.Tensor, order_N: torch.Tensor, need_y: bool, need_p: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     N, D = y_ND.shape

@@ -1,12 +1,12 @@
 """Dropless gather and combine (kernels/token_rows.py) against the obvious torch forms: index_select with its
-autograd backward, and permute.unpermute_reference; compiled and torch paths, 1-3 threads, bf16, error paths."""
+autograd backward, and permute.unpermute_reference; 1-3 threads, bf16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_plugin.kernels import native, token_rows
+from moe_plugin.kernels import token_rows
 from moe_plugin.layers.permute import sort_by_expert, unpermute_reference
 
 
@@ -15,15 +15,6 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
-
-
-@pytest.fixture(params=["native", "torch"])
-def path(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(token_rows, "native_rows", lambda *t: False)
-    else:
-        assert native.native_ops() is not None, native.native_status()
-    return request.param
 
 
 def _routing(T=300, K=3, E=7, D=40, seed=0, dtype=torch.float32):
@@ -35,7 +26,7 @@ def _routing(T=300, K=3, E=7, D=40, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
-def test_gather_matches_index_select(path, threads, num_threads):
+def test_gather_matches_index_select(threads, num_threads):
     threads(num_threads)
     x, _, st = _routing()
     y = token_rows.dropless_gather(x, st.token_idx_N, st.positions_TK())
@@ -48,7 +39,7 @@ def test_gather_matches_index_select(path, threads, num_threads):
 
 
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
-def test_combine_matches_reference(path, threads, num_threads):
+def test_combine_matches_reference(threads, num_threads):
     threads(num_threads)
     x, probs, st = _routing()
     y = torch.randn(st.order_N.numel(), x.shape[1], generator=torch.Generator().manual_seed(3)).requires_grad_()
@@ -66,7 +57,7 @@ def test_combine_matches_reference(path, threads, num_threads):
     torch.testing.assert_close(dy_only, got[0])
 
 
-def test_bfloat16(path):
+def test_bfloat16():
     x, probs, st = _routing(dtype=torch.bfloat16)
     y = torch.randn(st.order_N.numel(), x.shape[1]).bfloat16().requires_grad_()
     out = token_rows.dropless_combine(y, probs, st.order_N, st.positions_TK())
@@ -75,17 +66,3 @@ def test_bfloat16(path):
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
     out.float().sum().backward()
     assert y.grad.dtype == torch.bfloat16 and probs.grad.dtype == torch.bfloat16
-
-
-def test_compiled_ops_refuse_bad_indices():
-    ops = native.native_ops()
-    assert ops is not None
-    x = torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="outside"):
-        ops.gather_rows(x, torch.tensor([0, 4]))
-    with pytest.raises(RuntimeError, match="int64"):
-        ops.gather_rows(x, torch.tensor([0, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="outside"):
-        ops.weighted_row_sum(x, torch.tensor([[0, 9]]), None)
-    with pytest.raises(RuntimeError, match="dropless shapes"):
-        ops.combine_backward(torch.randn(2, 8), x, torch.rand(2, 3), torch.arange(4), True, True)
