@@ -81,6 +81,8 @@ def _kernel_paths(device_type: str) -> dict[str, str] | None:
     if not (callable(select) and callable(name_of)):
         return None
     out = {}
+    if device_type == "cpu":  # the routed experts' SwiGLU node; doctor reports, it does not compile
+        out["compiled CPU experts"] = kernels.native_status(build_now=False)
     for dtype in (torch.float32, torch.bfloat16):
         try:
             out[str(dtype).replace("torch.", "")] = str(name_of(select("auto", device_type, dtype)))

@@ -8,6 +8,7 @@ from moe_plugin.kernels.grouped_mm import (
     grouped_mm_torch,
     select_grouped_mm,
 )
+from moe_plugin.kernels.native import native_ops, native_status
 from moe_plugin.kernels.swiglu_experts import swiglu_experts
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "grouped_mm_loop",
     "grouped_mm_mm",
     "grouped_mm_torch",
+    "native_ops",
+    "native_status",
     "select_grouped_mm",
     "swiglu_experts",
 ]

@@ -251,7 +251,9 @@ def select_grouped_mm(
     work there. "mm": the per-expert mm node. "loop": the reference loop (autograd through every op).
     """
     device_type = torch.device(device).type
-    choice = grouped_mm_choice(backend, device_type, dtype)
+    # On CPU every choice but "loop" is the per-expert mm node here (the compiled kernel is the whole SwiGLU MLP,
+    # layers/experts.py): decide without building it.
+    choice = grouped_mm_choice(backend, device_type, None if device_type == "cpu" else dtype)
     if backend == "torch" and not _torch_grouped_mm_works(device_type, dtype):
         raise ValueError(
             f"grouped_mm_backend='torch' but torch._grouped_mm does not work on {device_type} with {dtype} in "

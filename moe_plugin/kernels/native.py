@@ -81,6 +81,12 @@ def _build_key(compiler: str, sources: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def library_path(compiler: str, cache: Path | None = None) -> Path:
+    """Where the library for these sources, this torch and this compiler is (or will be) cached."""
+    key = _build_key(compiler, [CSRC / s for s in SOURCES])
+    return (cache or cache_root()) / f"{NAME}-{key}" / f"lib{NAME}.so"
+
+
 def build(cache: Path | None = None, quiet: bool = False) -> Path:
     """Compile the kernels (or find them already compiled); returns the shared library's path."""
     if not sys.platform.startswith("linux"):
@@ -89,8 +95,8 @@ def build(cache: Path | None = None, quiet: bool = False) -> Path:
     if compiler is None:
         raise NativeKernelError("no C++ compiler found (c++, g++, clang++ or $CXX): install one, e.g. g++.")
     sources = [CSRC / s for s in SOURCES]
-    folder = (cache or cache_root()) / f"{NAME}-{_build_key(compiler, sources)}"
-    lib = folder / f"lib{NAME}.so"
+    lib = library_path(compiler, cache)
+    folder = lib.parent
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,9 +136,13 @@ def build(cache: Path | None = None, quiet: bool = False) -> Path:
 _PIPES = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
 
 
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 @functools.cache
 def _load() -> tuple[object | None, str]:
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if _disabled():
         return None, f"disabled ({DISABLE_ENV}=0)"
     try:
         lib = build()
@@ -148,6 +158,17 @@ def native_ops() -> object | None:
     return _load()[0]
 
 
-def native_status() -> str:
-    """One line for `moe-plugin doctor`: compiled (where) / disabled / unavailable (why). Builds if needed."""
-    return _load()[1]
+def native_status(build_now: bool = True) -> str:
+    """One line for `moe-plugin doctor`: compiled (where) / disabled / unavailable (why). With
+    `build_now=False` nothing is compiled: a library not built yet is reported as such."""
+    if build_now or _load.cache_info().currsize:
+        return _load()[1]
+    if _disabled():
+        return f"disabled ({DISABLE_ENV}=0)"
+    compiler = _compiler()
+    if compiler is None:
+        return "unavailable: no C++ compiler found (the Python path serves)"
+    lib = library_path(compiler)
+    return (
+        f"compiled ({lib})" if lib.exists() else f"not built yet: compiled on first use (about 25 s) into {lib.parent}"
+    )

@@ -186,3 +186,17 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native.cache_root() == tmp_path / "moe_plugin" / "kernels"
     assert os.path.isabs(native.cache_root())
+
+
+def test_status_without_building_reports_a_missing_library(tmp_path, monkeypatch):
+    session_cache = native.cache_root()
+    native._load.cache_clear()
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    try:
+        status = native.native_status(build_now=False)
+        assert status.startswith("not built yet") and str(tmp_path) in status
+        assert not list(tmp_path.iterdir())  # nothing was compiled or created
+    finally:
+        monkeypatch.setenv(native.CACHE_ENV, str(session_cache))
+        native._load.cache_clear()
+    assert native.native_ops() is not None
